@@ -20,6 +20,7 @@ import hashlib
 import os
 import platform
 import tempfile
+import warnings
 from typing import Any
 
 import torch
@@ -79,7 +80,9 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path}: empty file, not a checkpoint")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # pickle-protocol notes on foreign files
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, pickle with code, random bytes: one user error
         raise CheckpointError(f"{path}: not a readable ibc checkpoint (truncated or another file type?): "
                               f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
