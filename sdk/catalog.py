@@ -1,0 +1,857 @@
+"""The catalogue: a faiss index over L2-normalised embeddings, plus user ids, metadata and a lock.
+
+Why a wrapper: faiss knows int64 ids and float vectors only. Users have string or integer ids and
+JSON metadata, want removals on every index type, concurrent searches while one writer adds, and
+a saved catalogue that cannot be silently reused with another model. This module owns all that;
+it knows nothing about images or models (the :class:`~sdk.retriever.Retriever` does).
+
+Design decisions:
+
+* **Ids.** Every entry gets an internal int64 id from a counter that never goes back, so an id
+  is never reused. Flat and HNSW indexes are wrapped in ``IndexIDMap2``; IVF-PQ stores the ids
+  itself. Python dicts map user ids <-> internal ids; metadata is stored as its JSON text (it is
+  validated on the way in, and every hit gets a fresh copy).
+* **Removal.** Flat and IVF-PQ remove natively (``remove_ids``). HNSW graphs cannot drop nodes,
+  so removed entries become tombstones, excluded at search time by an ``IDSelector`` (faiss
+  filters inside the graph walk, so a search still returns k live hits); when tombstones exceed
+  ``compact_fraction`` of the graph it is rebuilt from the live vectors.
+* **Concurrency.** A writer-preferring readers-writer lock: any number of searches run at once
+  (faiss releases the GIL), ``add``/``remove`` take it exclusively for the index update only (the
+  validation happens before), so a search sees the catalogue entirely before or entirely after a
+  write. Per-query search parameters go through faiss ``SearchParameters`` objects built per call,
+  never by mutating shared index fields.
+* **Index choice.** ``"auto"`` follows autofaiss's reasoning: exact search while it is cheap,
+  HNSW when the vectors plus graph fit the memory budget, IVF-PQ (compressed codes) when they do
+  not. It is re-evaluated as the catalogue grows and the index migrated once a threshold is
+  crossed (one rebuild, logged).
+* **Saving.** Written into a temporary sibling directory and renamed into place
+  (:func:`sdk.bundle.atomic_directory`); ``catalog.json`` records each file's size and SHA-256
+  and the model the vectors came from, so a partial copy, a tampered file or another model's
+  catalogue is refused on load with a message saying which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+from sdk.bundle import atomic_directory, sha256_file
+
+log = logging.getLogger(__name__)
+
+CATALOG_FORMAT = "ibc-catalog"
+CATALOG_SCHEMA_VERSION = 1
+CATALOG_FILE = "catalog.json"
+INDEX_FILE = "index.faiss"
+ENTRIES_FILE = "entries.jsonl"
+DELETED_FILE = "deleted.npy"
+INDEX_KINDS = ("flat", "hnsw", "ivfpq")
+_KIND_ORDER = {"flat": 0, "hnsw": 1, "ivfpq": 2}
+
+# "auto" thresholds (autofaiss-like): exact search below this size, it is fast and perfect there.
+AUTO_FLAT_MAX = 50_000
+# IVF-PQ needs this many points to train 256 centroids per sub-quantizer (faiss warns below 39 * 256).
+MIN_PQ_TRAIN = 39 * 256
+
+
+def _faiss():
+    import faiss  # lazy: importing the SDK must stay cheap
+
+    return faiss
+
+
+# --------------------------------------------------------------------------------------- errors
+class CatalogError(ValueError):
+    """Bad input to, or an unusable state of, a catalogue."""
+
+
+class VectorError(CatalogError):
+    """Vectors of the wrong shape, dtype or with NaN / inf / zero rows."""
+
+
+class DuplicateIdError(CatalogError):
+    """An id given to ``add`` is repeated in the batch or already in the catalogue."""
+
+
+class UnknownIdError(CatalogError, KeyError):
+    """``remove`` was asked for ids the catalogue does not hold."""
+
+    __str__ = ValueError.__str__  # KeyError would quote the whole message
+
+
+class CatalogFormatError(CatalogError):
+    """A saved catalogue is missing files, partially written, tampered with or of an unknown schema."""
+
+
+class CatalogMismatchError(CatalogError):
+    """A saved catalogue was built with a different model than the one it is opened with."""
+
+
+class Hit(NamedTuple):
+    """One search result; unpacks as ``id, score, metadata``."""
+
+    id: Any
+    score: float
+    metadata: dict | None
+
+
+@dataclass
+class AddReport:
+    """What ``add`` did: ids added in input order, and items skipped as ``(position, item, reason)``."""
+
+    ids: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+# ----------------------------------------------------------------------------------------- lock
+class RWLock:
+    """Many readers or one writer. Writer-preferring, so a stream of searches cannot starve ``add``.
+
+    Not re-entrant: a thread holding it must not ask again.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+# ----------------------------------------------------------------------------------- validation
+def _rows(idx: np.ndarray, limit: int = 5) -> str:
+    idx = [int(i) for i in idx[:limit]]
+    return ", ".join(map(str, idx)) + (", ..." if len(idx) == limit else "")
+
+
+def as_vectors(x: Any, dim: int, what: str = "vectors") -> np.ndarray:
+    """Validate vectors and return an (n, dim) float32 C-contiguous, L2-normalised copy."""
+    if isinstance(x, (list, tuple)) and len(x) == 0:
+        return np.zeros((0, dim), np.float32)
+    try:
+        arr = np.asarray(x)
+    except (ValueError, TypeError) as e:
+        raise VectorError(f"{what}: not an array of numbers ({e})") from None
+    if arr.dtype.kind != "f":
+        raise VectorError(f"{what} must be floating point (float16/32/64), got dtype {arr.dtype}")
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise VectorError(f"{what} must be 1-D (one vector) or 2-D (n, {dim}), got shape {arr.shape}")
+    if arr.shape[1] != dim:
+        raise VectorError(f"{what} have dimension {arr.shape[1]}, the catalogue holds {dim}-d vectors")
+    with np.errstate(over="ignore"):
+        out = np.array(arr, dtype=np.float32, order="C", copy=True)
+    finite = np.isfinite(out).all(axis=1)
+    if not finite.all():
+        raise VectorError(f"{what} contain NaN or inf at row(s) {_rows(np.flatnonzero(~finite))}")
+    norms = np.linalg.norm(out, axis=1)
+    if (norms == 0).any():
+        raise VectorError(f"{what} are all-zero at row(s) {_rows(np.flatnonzero(norms == 0))}; cannot L2-normalise")
+    out /= norms[:, None]
+    return out
+
+
+def _id_kind(uid: Any) -> str:
+    return "str" if isinstance(uid, str) else "int"
+
+
+def normalize_id(uid: Any, where: str = "id") -> int | str:
+    """User ids are ``str`` or ``int`` (numpy integers accepted); anything else is refused."""
+    if isinstance(uid, (bool, np.bool_)):
+        raise CatalogError(f"{where}: ids must be str or int, got bool {uid!r}")
+    if isinstance(uid, (int, np.integer)):
+        return int(uid)
+    if isinstance(uid, str):
+        if not uid:
+            raise CatalogError(f"{where}: empty string is not a valid id")
+        return uid
+    raise CatalogError(f"{where}: ids must be str or int, got {type(uid).__name__} {uid!r}")
+
+
+def _as_id_list(ids: Any) -> list:
+    if isinstance(ids, (str, int, np.integer)):
+        return [ids]
+    if isinstance(ids, np.ndarray):
+        return ids.ravel().tolist()
+    return list(ids)
+
+
+def _metadata_json(metadata: Any, n: int) -> list[str | None]:
+    if metadata is None:
+        return [None] * n
+    if isinstance(metadata, dict):
+        metadata = [metadata]
+    metadata = list(metadata)
+    if len(metadata) != n:
+        raise CatalogError(f"got {len(metadata)} metadata entries for {n} items")
+    out = []
+    for i, m in enumerate(metadata):
+        if m is None:
+            out.append(None)
+            continue
+        if not isinstance(m, dict):
+            raise CatalogError(f"metadata of item {i} must be a dict (or None), got {type(m).__name__}")
+        try:
+            out.append(json.dumps(m, separators=(",", ":"), ensure_ascii=False, allow_nan=False))
+        except (TypeError, ValueError) as e:
+            raise CatalogError(f"metadata of item {i} is not JSON-serialisable: {e}") from None
+    return out
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise CatalogError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+# ------------------------------------------------------------------------------- index settings
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30, "GB": 1 << 30,
+          "T": 1 << 40, "TB": 1 << 40}
+
+
+def parse_memory(value: int | str | None) -> int:
+    """``"4G"``, ``"512MB"``, an int of bytes, or None (half the memory available now)."""
+    if value is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = 8 << 30
+        return max(avail // 2, 256 << 20)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        if value <= 0:
+            raise CatalogError(f"max_memory must be positive, got {value}")
+        return int(value)
+    text = str(value).strip().upper().replace("IB", "B")
+    num = text.rstrip("KMGTB ")
+    unit = text[len(num):].strip()
+    try:
+        return int(float(num) * _UNITS[unit])
+    except (ValueError, KeyError):
+        raise CatalogError(f"cannot read max_memory {value!r}; use bytes or e.g. '4G', '512M'") from None
+
+
+@dataclass
+class IndexSpec:
+    """How the index is built and searched; saved with the catalogue."""
+
+    kind: str = "auto"  # auto | flat | hnsw | ivfpq
+    hnsw_m: int = 32
+    ef_construction: int = 40
+    ef_search: int = 64  # default per-query HNSW beam width
+    nlist: int | None = None  # IVF lists; None: ~4*sqrt(n) rounded to a power of two
+    pq_m: int | None = None  # PQ sub-quantizers; None: dim / 8 (or what the memory budget allows)
+    pq_nbits: int = 8
+    nprobe: int = 16  # default per-query IVF lists visited
+    max_memory: int | str | None = None  # budget for "auto"; None: half the available RAM
+    compact_fraction: float = 0.25  # HNSW: rebuild when this share of the graph is tombstones
+    train_size: int | None = None  # IVF-PQ training sample; None: max(40 * nlist, 10k)
+    seed: int = 1234
+
+    def __post_init__(self):
+        if self.kind not in ("auto",) + INDEX_KINDS:
+            raise CatalogError(f"index must be one of auto, {', '.join(INDEX_KINDS)}; got {self.kind!r}")
+        for name in ("hnsw_m", "ef_construction", "ef_search", "pq_nbits", "nprobe"):
+            _positive_int(getattr(self, name), name)
+        for name in ("nlist", "pq_m", "train_size"):
+            if getattr(self, name) is not None:
+                _positive_int(getattr(self, name), name)
+        if not 0 < self.compact_fraction <= 1:
+            raise CatalogError(f"compact_fraction must be in (0, 1], got {self.compact_fraction}")
+        parse_memory(self.max_memory)  # validate early
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "IndexSpec":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def estimate_bytes(kind: str, n: int, dim: int, spec: IndexSpec | None = None) -> int:
+    """Rough resident size of an index of ``n`` vectors (plus our id maps), for ``"auto"``."""
+    spec = spec or IndexSpec()
+    per_entry_python = 200  # two dict slots, the ids themselves
+    if kind == "flat":
+        per = 4 * dim + 8
+    elif kind == "hnsw":
+        per = 4 * dim + 8 + int(spec.hnsw_m * 2 * 4 * 1.1) + 16  # level-0 links dominate
+    elif kind == "ivfpq":
+        per = (spec.pq_m or max(dim // 8, 1)) * spec.pq_nbits // 8 + 8
+    else:
+        raise CatalogError(f"unknown index kind {kind!r}")
+    return n * (per + per_entry_python)
+
+
+def choose_index(n: int, dim: int, max_memory: int | str | None = None, spec: IndexSpec | None = None) -> str:
+    """The index kind ``"auto"`` uses for ``n`` vectors under a memory budget (autofaiss's reasoning).
+
+    Exact search while the catalogue is small (it is fast there and perfect), HNSW while raw
+    vectors plus graph fit the budget (best speed/recall), else IVF-PQ with compressed codes.
+    Too few vectors to train IVF-PQ (< ``MIN_PQ_TRAIN``) always means flat.
+    """
+    budget = parse_memory(max_memory)
+    if n < MIN_PQ_TRAIN:
+        return "flat"
+    if n < AUTO_FLAT_MAX and estimate_bytes("flat", n, dim, spec) <= budget:
+        return "flat"
+    if estimate_bytes("hnsw", n, dim, spec) <= budget:
+        return "hnsw"
+    return "ivfpq"
+
+
+def _largest_divisor_at_most(d: int, cap: int) -> int:
+    for m in range(max(1, min(cap, d)), 0, -1):
+        if d % m == 0:
+            return m
+    return 1
+
+
+def ivfpq_params(n: int, dim: int, spec: IndexSpec, budget: int | None = None) -> tuple[int, int]:
+    """(nlist, pq_m) for ``n`` training vectors: nlist ~ 4 sqrt(n) (power of two, <= n/39)."""
+    if spec.nlist:
+        nlist = spec.nlist
+    else:
+        nlist = 2 ** int(round(math.log2(max(4 * math.sqrt(max(n, 1)), 1))))
+        nlist = int(min(max(nlist, 1), 65536, max(n // 39, 1)))
+    if spec.pq_m:
+        m = spec.pq_m
+        if dim % m:
+            raise CatalogError(f"pq_m={m} must divide the dimension {dim}")
+    else:
+        m = _largest_divisor_at_most(dim, max(dim // 8, 1))
+        if budget is not None:  # shrink codes until they fit
+            while m > 1 and n * (m * spec.pq_nbits // 8 + 8) > budget:
+                m = _largest_divisor_at_most(dim, m // 2)
+    return nlist, m
+
+
+# -------------------------------------------------------------------------------------- catalog
+class Catalog:
+    """Vectors + ids + metadata in a faiss index; thread-safe; saves and loads atomically.
+
+    ``model`` is an optional dict describing the model the vectors came from (the Retriever
+    stores the bundle's manifest digest, dimension and preprocessing there); it is saved and
+    checked on load.
+    """
+
+    def __init__(self, dim: int, index: str = "auto", *, model: dict | None = None, **index_options: Any):
+        self.dim = _positive_int(dim, "dim")
+        self.spec = IndexSpec(kind=index, **index_options)
+        self.model = dict(model) if model else None
+        self._lock = RWLock()
+        self._index = None  # built on first add (IVF-PQ trains on it)
+        self._kind: str | None = None if self.spec.kind == "auto" else self.spec.kind
+        self._to_internal: dict[Any, int] = {}
+        self._uid: dict[int, Any] = {}
+        self._meta: dict[int, str] = {}
+        self._id_kind: str | None = None
+        self._next_internal = 0
+        self._next_auto = 0
+        self._deleted: set[int] = set()  # HNSW tombstones (internal ids)
+        self._deleted_sel = None  # (IDSelector, its backing objects) while tombstones exist
+
+    # ------------------------------------------------------------------------------- properties
+    @property
+    def kind(self) -> str:
+        """The index actually in use (``"auto"`` resolves to flat until the catalogue grows)."""
+        return self._kind or ("flat" if self.spec.kind == "auto" else self.spec.kind)
+
+    def __len__(self) -> int:
+        return len(self._uid)
+
+    def __contains__(self, uid: Any) -> bool:
+        try:
+            return normalize_id(uid) in self._to_internal
+        except CatalogError:
+            return False
+
+    def ids(self) -> list:
+        """User ids in insertion order."""
+        with self._lock.read():
+            return [self._uid[i] for i in sorted(self._uid)]
+
+    def metadata(self, uid: Any) -> dict | None:
+        with self._lock.read():
+            internal = self._to_internal.get(normalize_id(uid))
+            if internal is None:
+                raise UnknownIdError(f"no entry with id {uid!r}")
+            text = self._meta.get(internal)
+        return json.loads(text) if text is not None else None
+
+    def info(self) -> dict:
+        with self._lock.read():
+            return {
+                "entries": len(self._uid),
+                "dim": self.dim,
+                "index": self.kind,
+                "requested_index": self.spec.kind,
+                "tombstones": len(self._deleted),
+                "id_kind": self._id_kind,
+                "spec": asdict(self.spec),
+                "model": self.model,
+            }
+
+    # ---------------------------------------------------------------------------------- building
+    def _new_index(self, kind: str, train: np.ndarray | None = None):
+        faiss = _faiss()
+        d, spec = self.dim, self.spec
+        if kind == "flat":
+            return faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+        if kind == "hnsw":
+            h = faiss.IndexHNSWFlat(d, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            h.hnsw.efConstruction = spec.ef_construction
+            h.hnsw.efSearch = spec.ef_search
+            return faiss.IndexIDMap2(h)
+        if kind == "ivfpq":
+            n = 0 if train is None else len(train)
+            if n < max(256, 2 ** spec.pq_nbits):
+                raise CatalogError(
+                    f"an IVF-PQ catalogue trains on its first add and needs at least {max(256, 2 ** spec.pq_nbits)} "
+                    f"vectors there (got {n}); add more at once, or use index='flat' or 'auto'"
+                )
+            budget = parse_memory(spec.max_memory) if spec.kind == "auto" else None
+            nlist, m = ivfpq_params(n, d, spec, budget)
+            if nlist > n:
+                raise CatalogError(f"nlist={nlist} is more than the {n} training vectors")
+            quantizer = faiss.IndexFlatIP(d)
+            ivf = faiss.IndexIVFPQ(quantizer, d, nlist, m, spec.pq_nbits, faiss.METRIC_INNER_PRODUCT)
+            ivf.nprobe = spec.nprobe
+            size = min(n, spec.train_size or max(40 * nlist, 10_000))
+            sample = train
+            if size < n:
+                pick = np.random.default_rng(spec.seed).choice(n, size, replace=False)
+                sample = train[np.sort(pick)]
+            t0 = time.perf_counter()
+            ivf.cp.seed = spec.seed
+            ivf.train(sample)
+            log.info("trained IVF%d,PQ%dx%d on %d vectors in %.1fs", nlist, m, spec.pq_nbits, size,
+                     time.perf_counter() - t0)
+            return ivf
+        raise CatalogError(f"unknown index kind {kind!r}")
+
+    def _live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(internal ids, vectors) of live entries, reconstructed from a flat or HNSW index."""
+        faiss = _faiss()
+        if self._index is None or self._index.ntotal == 0:
+            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
+        if self.kind not in ("flat", "hnsw"):
+            raise CatalogError("IVF-PQ keeps compressed codes only; its vectors cannot be recovered for a rebuild")
+        inner = faiss.downcast_index(self._index.index)
+        storage = faiss.downcast_index(inner.storage) if self.kind == "hnsw" else inner
+        ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        vecs = storage.reconstruct_n(0, storage.ntotal)
+        if self._deleted:
+            keep = ~np.isin(ids, np.fromiter(self._deleted, np.int64, len(self._deleted)))
+            ids, vecs = ids[keep], vecs[keep]
+        return ids, np.ascontiguousarray(vecs, dtype=np.float32)
+
+    def _rebuild(self, kind: str) -> None:
+        """Rebuild the index as ``kind`` from the live vectors (migration or HNSW compaction)."""
+        t0 = time.perf_counter()
+        ids, vecs = self._live_vectors()
+        index = self._new_index(kind, vecs)
+        if len(ids):
+            index.add_with_ids(vecs, ids)
+        old = self.kind
+        self._index, self._kind = index, kind
+        self._deleted.clear()
+        self._deleted_sel = None
+        log.info("rebuilt the catalogue index %s -> %s over %d vectors in %.1fs", old, kind, len(ids),
+                 time.perf_counter() - t0)
+
+    def _maybe_migrate(self) -> None:
+        if self.spec.kind != "auto" or self._index is None:
+            return
+        target = choose_index(len(self._uid), self.dim, self.spec.max_memory, self.spec)
+        if _KIND_ORDER[target] > _KIND_ORDER[self.kind]:
+            log.info("catalogue reached %d entries: switching index %s -> %s (index='auto')",
+                     len(self._uid), self.kind, target)
+            try:
+                self._rebuild(target)
+            except (CatalogError, RuntimeError, MemoryError) as e:  # the add itself already succeeded
+                log.warning("could not switch the index to %s (%s); keeping %s", target, e, self.kind)
+
+    def _set_tombstone_selector(self) -> None:
+        faiss = _faiss()
+        if not self._deleted:
+            self._deleted_sel = None
+            return
+        dead = np.fromiter(self._deleted, np.int64, len(self._deleted))
+        batch = faiss.IDSelectorBatch(dead)
+        self._deleted_sel = (faiss.IDSelectorNot(batch), batch)  # keep the inner selector alive
+
+    # ------------------------------------------------------------------------------------ writes
+    def _check_new_ids(self, uids: list, n: int) -> list:
+        if len(uids) != n:
+            raise CatalogError(f"got {len(uids)} ids for {n} items")
+        uids = [normalize_id(u, f"id of item {i}") for i, u in enumerate(uids)]
+        kinds = {_id_kind(u) for u in uids}
+        if len(kinds) > 1:
+            raise CatalogError("ids in one catalogue must be all str or all int; this batch mixes them")
+        seen, dup = set(), []
+        for u in uids:
+            if u in seen:
+                dup.append(u)
+            seen.add(u)
+        if dup:
+            raise DuplicateIdError(f"ids repeated within the batch: {dup[:5]}{' ...' if len(dup) > 5 else ''}")
+        return uids
+
+    def add(self, vectors: Any, ids: Sequence | None = None, metadata: Sequence[dict | None] | dict | None = None) -> list:
+        """Add vectors (normalised here) with optional ids and metadata; all or nothing.
+
+        Without ids, integer ids continue from the largest integer id so far. Returns the ids.
+        """
+        x = as_vectors(vectors, self.dim)
+        n = len(x)
+        metas = _metadata_json(metadata, n)
+        uids = None if ids is None else self._check_new_ids(_as_id_list(ids), n)
+        if n == 0:
+            return []
+        with self._lock.write():
+            if uids is None:
+                if self._id_kind == "str":
+                    raise CatalogError("this catalogue uses string ids: pass ids= for new entries")
+                uids = list(range(self._next_auto, self._next_auto + n))
+            kind = _id_kind(uids[0])
+            if self._id_kind is not None and kind != self._id_kind:
+                raise CatalogError(f"this catalogue uses {self._id_kind} ids; got {kind} ids")
+            taken = [u for u in uids if u in self._to_internal]
+            if taken:
+                raise DuplicateIdError(
+                    f"ids already in the catalogue: {taken[:5]}{' ...' if len(taken) > 5 else ''} "
+                    "(remove them first to replace)"
+                )
+            internal = np.arange(self._next_internal, self._next_internal + n, dtype=np.int64)
+            if self._index is None:
+                self._index = self._new_index(self.kind, x)
+            self._index.add_with_ids(x, internal)
+            # nothing below can fail: the state changes together
+            self._next_internal += n
+            self._id_kind = kind
+            for i, u, m in zip(internal.tolist(), uids, metas):
+                self._to_internal[u] = i
+                self._uid[i] = u
+                if m is not None:
+                    self._meta[i] = m
+            if kind == "int":
+                self._next_auto = max(self._next_auto, max(uids) + 1)
+            self._maybe_migrate()
+        return uids
+
+    def remove(self, ids: Any, missing: str = "raise") -> int:
+        """Remove entries by user id; unknown ids raise (nothing removed) or, with ``missing="ignore"``, are skipped."""
+        if missing not in ("raise", "ignore"):
+            raise CatalogError(f"missing must be 'raise' or 'ignore', got {missing!r}")
+        uids = [normalize_id(u, "id to remove") for u in _as_id_list(ids)]
+        with self._lock.write():
+            unknown = [u for u in uids if u not in self._to_internal]
+            if unknown and missing == "raise":
+                raise UnknownIdError(
+                    f"cannot remove ids not in the catalogue: {unknown[:5]}{' ...' if len(unknown) > 5 else ''} "
+                    "(nothing was removed)"
+                )
+            internal = sorted({self._to_internal[u] for u in uids if u in self._to_internal})
+            if not internal:
+                return 0
+            arr = np.asarray(internal, dtype=np.int64)
+            if self.kind == "hnsw":
+                self._deleted.update(internal)
+            else:
+                removed = self._index.remove_ids(_faiss().IDSelectorBatch(arr))
+                if removed != len(arr):
+                    raise RuntimeError(f"faiss removed {removed} of {len(arr)} entries; catalogue inconsistent")
+            for i in internal:
+                u = self._uid.pop(i)
+                del self._to_internal[u]
+                self._meta.pop(i, None)
+            if self.kind == "hnsw":
+                if len(self._deleted) > self.spec.compact_fraction * max(self._index.ntotal, 1):
+                    self._rebuild("hnsw")
+                else:
+                    self._set_tombstone_selector()
+            return len(internal)
+
+    def compact(self) -> None:
+        """Drop HNSW tombstones now by rebuilding the graph (no-op for flat / IVF-PQ)."""
+        with self._lock.write():
+            if self.kind == "hnsw" and self._deleted:
+                self._rebuild("hnsw")
+
+    # ------------------------------------------------------------------------------------ search
+    def _params(self, ef_search: int | None, nprobe: int | None, k: int):
+        faiss = _faiss()
+        if self.kind == "hnsw":
+            p = faiss.SearchParametersHNSW()
+            p.efSearch = max(_positive_int(ef_search, "ef_search") if ef_search is not None else self.spec.ef_search, k)
+            if self._deleted_sel is not None:
+                p.sel = self._deleted_sel[0]
+            return p
+        if self.kind == "ivfpq":
+            p = faiss.SearchParametersIVF()
+            p.nprobe = _positive_int(nprobe, "nprobe") if nprobe is not None else self.spec.nprobe
+            return p
+        return None
+
+    def search_internal(self, vectors: Any, k: int = 10, *, ef_search: int | None = None,
+                        nprobe: int | None = None) -> tuple[np.ndarray, list[list[Hit]]]:
+        """Validate, search under the read lock, translate ids. Returns (scores, hits)."""
+        k = _positive_int(k, "k")
+        if ef_search is not None:
+            _positive_int(ef_search, "ef_search")
+        if nprobe is not None:
+            _positive_int(nprobe, "nprobe")
+        q = as_vectors(vectors, self.dim, what="query vectors")
+        nq = len(q)
+        scores = np.full((nq, k), -np.inf, dtype=np.float32)
+        hits: list[list[Hit]] = [[] for _ in range(nq)]
+        with self._lock.read():
+            live = len(self._uid)
+            if nq == 0 or live == 0:
+                return scores, hits
+            kk = min(k, live)
+            params = self._params(ef_search, nprobe, kk)
+            sel = self._deleted_sel  # noqa: F841  (keeps the selector alive during the call)
+            D, I = self._index.search(q, kk, params=params)
+            uid, meta = self._uid, self._meta
+            for r in range(nq):
+                row = hits[r]
+                for score, i in zip(D[r].tolist(), I[r].tolist()):
+                    if i < 0:
+                        continue
+                    u = uid.get(i)
+                    if u is None:  # defensive: never return a removed entry
+                        continue
+                    text = meta.get(i)
+                    row.append(Hit(u, score, json.loads(text) if text is not None else None))
+        for r, row in enumerate(hits):
+            if row:
+                scores[r, : len(row)] = [h.score for h in row]
+        return scores, hits
+
+    def search(self, vectors: Any, k: int = 10, threshold: float | None = None, *,
+               ef_search: int | None = None, nprobe: int | None = None) -> list[list[Hit]]:
+        """Top-k hits per query as ``Hit(id, score, metadata)``, best first; score = cosine similarity.
+
+        Fewer than k hits come back when the catalogue holds fewer entries (none when it is
+        empty) or when ``threshold`` (minimum score) cuts them. ``ef_search`` (HNSW) and
+        ``nprobe`` (IVF-PQ) override the defaults for this call only.
+        """
+        if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
+            raise CatalogError(f"threshold must be a finite number, got {threshold!r}")
+        _, hits = self.search_internal(vectors, k, ef_search=ef_search, nprobe=nprobe)
+        if threshold is not None:
+            hits = [[h for h in row if h.score >= threshold] for row in hits]
+        return hits
+
+    def search_raw(self, vectors: Any, k: int = 10, *, ef_search: int | None = None,
+                   nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, ids)`` arrays of shape (nq, k), as faiss returns them.
+
+        Missing slots (k larger than the catalogue) hold score ``-inf`` and id ``-1`` for integer
+        ids (an int64 array) or ``None`` for string ids (an object array).
+        """
+        scores, hits = self.search_internal(vectors, k, ef_search=ef_search, nprobe=nprobe)
+        if self._id_kind == "str":
+            ids = np.full(scores.shape, None, dtype=object)
+        else:
+            ids = np.full(scores.shape, -1, dtype=np.int64)
+        for r, row in enumerate(hits):
+            for c, h in enumerate(row):
+                ids[r, c] = h.id
+        return scores, ids
+
+    # ------------------------------------------------------------------------------- persistence
+    def save(self, directory: str | os.PathLike, overwrite: bool = True) -> str:
+        """Write the catalogue atomically (temp sibling + rename). Searches may continue meanwhile."""
+        directory = os.path.abspath(os.fspath(directory))
+        if os.path.exists(directory):
+            if not overwrite:
+                raise FileExistsError(f"{directory} already exists")
+            if not os.path.isdir(directory) or (os.listdir(directory) and not
+                                                os.path.isfile(os.path.join(directory, CATALOG_FILE))):
+                raise CatalogError(f"{directory} exists and is not a catalogue; refusing to replace it")
+        faiss = _faiss()
+        with self._lock.read(), atomic_directory(directory, overwrite=True) as tmp:
+            files = {}
+            if self._index is not None:
+                faiss.write_index(self._index, os.path.join(tmp, INDEX_FILE))
+                files[INDEX_FILE] = None
+            with open(os.path.join(tmp, ENTRIES_FILE), "w", encoding="utf-8") as f:
+                for i in sorted(self._uid):
+                    m = self._meta.get(i)
+                    f.write(f"[{i},{json.dumps(self._uid[i], ensure_ascii=False)},{m if m is not None else 'null'}]\n")
+            files[ENTRIES_FILE] = None
+            if self._deleted:
+                np.save(os.path.join(tmp, DELETED_FILE), np.array(sorted(self._deleted), dtype=np.int64))
+                files[DELETED_FILE] = None
+            for name in files:
+                full = os.path.join(tmp, name)
+                files[name] = {"bytes": os.path.getsize(full), "sha256": sha256_file(full)}
+            header = {
+                "format": CATALOG_FORMAT,
+                "schema_version": CATALOG_SCHEMA_VERSION,
+                "dim": self.dim,
+                "index": self.kind if self._index is not None else None,
+                "spec": asdict(self.spec),
+                "entries": len(self._uid),
+                "tombstones": len(self._deleted),
+                "id_kind": self._id_kind,
+                "next_internal": self._next_internal,
+                "next_auto": self._next_auto,
+                "model": self.model,
+                "files": files,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            with open(os.path.join(tmp, CATALOG_FILE), "w", encoding="utf-8") as f:
+                json.dump(header, f, indent=2)
+                f.write("\n")
+        log.info("saved catalogue of %d entries (%s) to %s", len(self), self.kind, directory)
+        return directory
+
+    @staticmethod
+    def read_header(directory: str | os.PathLike) -> dict:
+        """Read and check ``catalog.json`` (format, schema) without loading the index."""
+        directory = os.fspath(directory)
+        if not os.path.isdir(directory):
+            raise CatalogFormatError(f"{directory}: no such catalogue directory")
+        path = os.path.join(directory, CATALOG_FILE)
+        if not os.path.isfile(path):
+            raise CatalogFormatError(f"{directory}: no {CATALOG_FILE} (not a catalogue, or a partial write)")
+        try:
+            with open(path, encoding="utf-8") as f:
+                header = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise CatalogFormatError(f"{path}: unreadable ({e})") from None
+        if not isinstance(header, dict) or header.get("format") != CATALOG_FORMAT:
+            raise CatalogFormatError(f"{path}: not an ibc catalogue")
+        if header.get("schema_version") != CATALOG_SCHEMA_VERSION:
+            raise CatalogFormatError(
+                f"{path}: unknown catalogue schema version {header.get('schema_version')!r}; "
+                f"this SDK reads version {CATALOG_SCHEMA_VERSION}"
+            )
+        return header
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, model: dict | None = None) -> "Catalog":
+        """Open a saved catalogue, checking every file; with ``model``, refuse one built by another model."""
+        directory = os.fspath(directory)
+        header = cls.read_header(directory)
+        if model is not None:
+            check_same_model(header.get("model"), model, directory)
+        try:
+            files = header["files"]
+            for name, entry in files.items():
+                full = os.path.join(directory, name)
+                if os.sep in name or name.startswith("."):
+                    raise CatalogFormatError(f"{directory}: bad file name {name!r} in {CATALOG_FILE}")
+                if not os.path.isfile(full):
+                    raise CatalogFormatError(f"{full}: missing (partial write or incomplete copy?)")
+                if os.path.getsize(full) != entry["bytes"] or sha256_file(full) != entry["sha256"]:
+                    raise CatalogFormatError(f"{full}: size or SHA-256 does not match {CATALOG_FILE} (corrupt or tampered)")
+            spec = IndexSpec.from_dict(header["spec"])
+            cat = cls(header["dim"], index=spec.kind, model=header.get("model"),
+                      **{k: v for k, v in asdict(spec).items() if k != "kind"})
+            cat._kind = header["index"] or cat._kind
+            cat._id_kind = header["id_kind"]
+            cat._next_internal = int(header["next_internal"])
+            cat._next_auto = int(header["next_auto"])
+            with open(os.path.join(directory, ENTRIES_FILE), encoding="utf-8") as f:
+                for line_no, line in enumerate(f, 1):
+                    i, uid, meta = json.loads(line)
+                    cat._uid[i] = uid
+                    cat._to_internal[uid] = i
+                    if meta is not None:
+                        cat._meta[i] = json.dumps(meta, separators=(",", ":"), ensure_ascii=False)
+            if len(cat._uid) != header["entries"] or len(cat._to_internal) != len(cat._uid):
+                raise CatalogFormatError(f"{directory}: entry list does not match {CATALOG_FILE}")
+            if DELETED_FILE in files:
+                cat._deleted = set(np.load(os.path.join(directory, DELETED_FILE)).tolist())
+                cat._set_tombstone_selector()
+            if INDEX_FILE in files:
+                cat._index = _faiss().read_index(os.path.join(directory, INDEX_FILE))
+                if cat._index.d != cat.dim or cat._index.ntotal != len(cat._uid) + len(cat._deleted):
+                    raise CatalogFormatError(f"{directory}: index holds {cat._index.ntotal} vectors of dim "
+                                             f"{cat._index.d}, {CATALOG_FILE} says {len(cat._uid)} of dim {cat.dim}")
+            elif cat._uid:
+                raise CatalogFormatError(f"{directory}: entries without an index file")
+        except CatalogError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, OSError) as e:
+            raise CatalogFormatError(f"{directory}: malformed catalogue ({type(e).__name__}: {e})") from None
+        log.info("loaded catalogue of %d entries (%s) from %s", len(cat), cat.kind, directory)
+        return cat
+
+
+def describe_model(model: dict | None) -> str:
+    if not model:
+        return "no recorded model"
+    pre = model.get("preprocess") or {}
+    return (f"model {str(model.get('manifest_digest', '?'))[:12]} (dim {model.get('embedding_dim', '?')}, "
+            f"resize {pre.get('resize', '?')} crop {pre.get('crop', '?')})")
+
+
+def check_same_model(recorded: dict | None, model: dict, where: str) -> None:
+    """Refuse a catalogue whose vectors came from another model than ``model``."""
+    if recorded is None:
+        raise CatalogMismatchError(
+            f"catalogue {where} records no model (built from raw vectors); it cannot be checked against "
+            f"{describe_model(model)}. Open it with sdk.catalog.Catalog.load instead"
+        )
+    same = (recorded.get("manifest_digest") == model.get("manifest_digest")
+            and recorded.get("embedding_dim") == model.get("embedding_dim")
+            and recorded.get("preprocess") == model.get("preprocess"))
+    if not same:
+        raise CatalogMismatchError(
+            f"catalogue {where} was built with {describe_model(recorded)}, but the bundle given is "
+            f"{describe_model(model)}: embeddings of different models are not comparable. Open it with the "
+            "bundle it was built with, or rebuild it (ibc-retrieve index)"
+        )
+
+
+__all__ = [
+    "Catalog", "Hit", "AddReport", "IndexSpec", "RWLock", "CatalogError", "VectorError", "DuplicateIdError",
+    "UnknownIdError", "CatalogFormatError", "CatalogMismatchError", "as_vectors", "choose_index", "estimate_bytes",
+    "ivfpq_params", "parse_memory", "check_same_model", "describe_model", "normalize_id",
+]
