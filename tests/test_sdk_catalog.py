@@ -1,0 +1,291 @@
+"""sdk.catalog: search results against numpy brute force, every index kind, removal, bad input, save/load."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from sdk.catalog import (
+    Catalog,
+    CatalogError,
+    CatalogFormatError,
+    CatalogMismatchError,
+    DuplicateIdError,
+    UnknownIdError,
+    VectorError,
+    choose_index,
+    parse_memory,
+)
+
+DIM = 32
+
+
+def clustered(n, dim=DIM, clusters=40, seed=0, noise=0.3):
+    """Unit vectors from a Gaussian mixture (approximate search is meaningful on these)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, n)] + noise * rng.standard_normal((n, dim)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def brute_force(db, q, k):
+    s = q @ db.T
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, order, 1), order
+
+
+def recall(found_ids, true_ids):
+    return np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found_ids, true_ids)])
+
+
+@pytest.fixture(scope="module")
+def data():
+    x = clustered(3000, seed=1)
+    q = clustered(50, seed=2)
+    return x, q
+
+
+def test_flat_equals_brute_force_with_ids_and_metadata(data):
+    x, q = data
+    cat = Catalog(DIM, "flat")
+    ids = [f"item-{i}" for i in range(len(x))]
+    cat.add(x, ids=ids, metadata=[{"i": i, "tags": ["a", i % 3]} for i in range(len(x))])
+    assert len(cat) == len(x) and cat.kind == "flat"
+    true_s, true_i = brute_force(x, q, 10)
+    hits = cat.search(q, k=10)
+    assert [[h.id for h in row] for row in hits] == [[ids[j] for j in row] for row in true_i]
+    np.testing.assert_allclose([[h.score for h in row] for row in hits], true_s, atol=1e-5)
+    assert hits[0][0].metadata == {"i": int(true_i[0, 0]), "tags": ["a", int(true_i[0, 0]) % 3]}
+    hits[0][0].metadata["i"] = -1  # callers get copies, the catalogue is unchanged
+    assert cat.search(q[:1], k=1)[0][0].metadata["i"] == int(true_i[0, 0])
+    # raw form: (scores, ids) arrays as faiss gives them
+    scores, raw = cat.search_raw(q, k=10)
+    assert scores.shape == raw.shape == (len(q), 10) and raw.dtype == object
+    assert raw[3, 0] == hits[3][0].id
+
+
+def test_vectors_are_normalised_and_threshold_cuts(data):
+    x, q = data
+    cat = Catalog(DIM, "flat")
+    cat.add(x[:100] * 7.5)  # scaled: stored unit-norm, so scores are cosines
+    hits = cat.search(x[:3] * 0.1, k=5)
+    assert [h.id for h in (row[0] for row in hits)] == [0, 1, 2]
+    assert all(abs(row[0].score - 1.0) < 1e-5 for row in hits)
+    cut = cat.search(q, k=50, threshold=0.5)
+    assert all(h.score >= 0.5 for row in cut for h in row)
+    full = cat.search(q, k=50)
+    assert [len(r) for r in cut] == [sum(h.score >= 0.5 for h in r) for r in full]
+
+
+@pytest.mark.parametrize("kind,opts,min_recall", [
+    ("hnsw", {"hnsw_m": 16, "ef_construction": 40}, 0.95),
+    ("ivfpq", {"nlist": 16, "pq_m": 16}, 0.6),
+])
+def test_approximate_indexes_against_brute_force(data, kind, opts, min_recall):
+    x, q = data
+    cat = Catalog(DIM, kind, **opts)
+    cat.add(x)
+    assert cat.kind == kind
+    _, true_i = brute_force(x, q, 10)
+    got = cat.search_raw(q, k=10, ef_search=128, nprobe=16)[1]
+    assert got.dtype == np.int64
+    assert recall(got, true_i) >= min_recall
+    # per-query parameters matter: a narrower search is not better than a wide one
+    narrow = cat.search_raw(q, k=10, ef_search=10, nprobe=1)[1]
+    assert recall(narrow, true_i) <= recall(got, true_i) + 1e-9
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
+def test_remove_never_returns_removed_and_ids_survive(data, kind):
+    x, q = data
+    cat = Catalog(DIM, kind, nlist=16, pq_m=16, compact_fraction=0.5)
+    cat.add(x)
+    gone = list(range(0, len(x), 3))  # a third: below HNSW's compaction threshold
+    assert cat.remove(gone) == len(gone)
+    assert len(cat) == len(x) - len(gone)
+    keep = np.setdiff1d(np.arange(len(x)), gone)
+    hits = cat.search_raw(q, k=20, ef_search=200, nprobe=16)[1]
+    assert not set(hits.ravel().tolist()) & set(gone)
+    assert (hits >= 0).all()  # still k live hits per query
+    if kind == "flat":  # exact on the remaining set
+        _, true_i = brute_force(x[keep], q, 20)
+        assert np.array_equal(hits, keep[true_i])
+    # vectors of removed entries are not found even by themselves
+    assert cat.search(x[gone[:5]], k=1, ef_search=64)[0][0].id not in gone
+    with pytest.raises(UnknownIdError, match=r"not in the catalogue: \[0\]"):
+        cat.remove([0, 1])
+    assert len(cat) == len(x) - len(gone)  # nothing removed by the failed call
+    assert cat.remove([0, 1], missing="ignore") == 1
+
+
+def test_hnsw_compaction_rebuilds_and_stays_correct(data):
+    x, q = data
+    cat = Catalog(DIM, "hnsw", hnsw_m=16, compact_fraction=0.2)
+    cat.add(x[:1000])
+    cat.remove(list(range(100)))
+    assert cat.info()["tombstones"] == 100
+    cat.remove(list(range(100, 300)))  # 300 > 0.2 * 1000: rebuilt from live vectors
+    assert cat.info()["tombstones"] == 0 and cat._index.ntotal == 700
+    _, true_i = brute_force(x[300:1000], q, 5)
+    assert recall(cat.search_raw(q, k=5, ef_search=200)[1], true_i + 300) >= 0.95
+    new = cat.add(x[1000:1010])  # ids keep counting after the rebuild, never reused
+    assert new == list(range(1000, 1010))
+
+
+def test_auto_index_by_size_and_memory():
+    assert choose_index(500, 512) == "flat"
+    assert choose_index(30_000, 512, "64G") == "flat"
+    assert choose_index(1_000_000, 512, "64G") == "hnsw"
+    assert choose_index(1_000_000, 512, "1G") == "ivfpq"  # 2 GB of raw vectors do not fit
+    assert choose_index(30_000, 512, "10M") == "ivfpq"
+    assert parse_memory("512M") == 512 << 20 and parse_memory(1000) == 1000 and parse_memory(None) > 0
+    with pytest.raises(CatalogError, match="max_memory"):
+        parse_memory("lots")
+
+
+def test_auto_migrates_as_the_catalogue_grows(monkeypatch, data):
+    import sdk.catalog as C
+
+    monkeypatch.setattr(C, "AUTO_FLAT_MAX", 1500)
+    monkeypatch.setattr(C, "MIN_PQ_TRAIN", 500)
+    x, q = data
+    cat = Catalog(DIM, "auto", max_memory="8G", hnsw_m=16)
+    cat.add(x[:1000], metadata=[{"i": i} for i in range(1000)])
+    assert cat.kind == "flat"
+    cat.remove([5])
+    cat.add(x[1000:2000])  # crosses 1500: rebuilt as HNSW with the same ids
+    assert cat.kind == "hnsw" and len(cat) == 1999
+    hits = cat.search(x[[7, 1500]], k=1)
+    assert (hits[0][0].id, hits[0][0].metadata, hits[1][0].id) == (7, {"i": 7}, 1500)
+    assert 5 not in {h.id for row in cat.search(x[:20], k=20) for h in row}
+
+
+def test_bad_input_is_named():
+    cat = Catalog(8, "flat")
+    good = np.eye(8, dtype=np.float32)
+    with pytest.raises(VectorError, match="dimension 7.*8-d"):
+        cat.add(np.ones((2, 7), np.float32))
+    with pytest.raises(VectorError, match="floating point.*int64"):
+        cat.add(np.ones((2, 8), np.int64))
+    bad = good.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(VectorError, match=r"NaN or inf at row\(s\) 3"):
+        cat.add(bad)
+    with pytest.raises(VectorError, match="all-zero"):
+        cat.add(np.zeros((1, 8), np.float32))
+    with pytest.raises(VectorError, match="shape"):
+        cat.add(np.ones((2, 2, 8), np.float32))
+    with pytest.raises(DuplicateIdError, match="within the batch"):
+        cat.add(good[:2], ids=["a", "a"])
+    cat.add(good[:2], ids=["a", "b"])
+    with pytest.raises(DuplicateIdError, match=r"already in the catalogue: \['b'\]"):
+        cat.add(good[2:4], ids=["b", "c"])
+    assert len(cat) == 2 and "c" not in cat  # all or nothing
+    with pytest.raises(CatalogError, match="all str or all int"):
+        cat.add(good[2:4], ids=["c", 3])
+    with pytest.raises(CatalogError, match="uses str ids"):
+        cat.add(good[2:4], ids=[3, 4])
+    with pytest.raises(CatalogError, match="pass ids"):
+        cat.add(good[2:4])
+    with pytest.raises(CatalogError, match="str or int, got float"):
+        cat.add(good[2:3], ids=[1.5])
+    with pytest.raises(CatalogError, match="2 ids for 1 items"):
+        cat.add(good[2:3], ids=["x", "y"])
+    with pytest.raises(CatalogError, match="not JSON-serialisable"):
+        cat.add(good[2:3], ids=["x"], metadata=[{"f": object()}])
+    with pytest.raises(CatalogError, match="must be a dict"):
+        cat.add(good[2:3], ids=["x"], metadata=["label"])
+    for k in (0, -3, 2.5, True):
+        with pytest.raises(CatalogError, match="k must be a positive integer"):
+            cat.search(good[:1], k=k)
+    with pytest.raises(VectorError, match="query vectors have dimension 4"):
+        cat.search(np.ones(4, np.float32))
+    with pytest.raises(CatalogError, match="index must be one of"):
+        Catalog(8, "annoy")
+    with pytest.raises(CatalogError, match="ef_search must be a positive integer"):
+        cat.search(good[:1], ef_search=0)
+
+
+def test_k_larger_than_catalogue_and_empty_catalogue():
+    cat = Catalog(4, "flat")
+    q = np.eye(4, dtype=np.float32)[:2]
+    assert cat.search(q, k=3) == [[], []]
+    scores, ids = cat.search_raw(q, k=3)
+    assert np.isneginf(scores).all() and (ids == -1).all()
+    cat.add(np.eye(4, dtype=np.float32)[:2], ids=[10, 20])
+    hits = cat.search(q, k=5)
+    assert [[h.id for h in row] for row in hits] == [[10, 20], [20, 10]]
+    scores, ids = cat.search_raw(q, k=5)
+    assert ids.tolist() == [[10, 20, -1, -1, -1], [20, 10, -1, -1, -1]]
+    assert np.isneginf(scores[:, 2:]).all()
+    assert cat.add(np.eye(4, dtype=np.float32)[2:]) == [21, 22]  # auto ids continue after the largest
+    cat.remove([10, 20, 21, 22])
+    assert len(cat) == 0 and cat.search(q, k=1) == [[], []]
+
+
+def test_ivfpq_needs_training_data():
+    with pytest.raises(CatalogError, match="needs at least 256 vectors"):
+        Catalog(DIM, "ivfpq").add(clustered(100))
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
+def test_save_load_round_trip(tmp_path, data, kind):
+    x, q = data
+    model = {"manifest_digest": "abc", "embedding_dim": DIM, "preprocess": {"crop": 32}}
+    cat = Catalog(DIM, kind, model=model, nlist=16, pq_m=16, hnsw_m=16, compact_fraction=0.9)
+    ids = [f"id{i}" for i in range(len(x))]
+    cat.add(x, ids=ids, metadata=[{"n": i} if i % 2 else None for i in range(len(x))])
+    cat.remove(ids[:10])
+    before = cat.search(q, k=7, ef_search=50, nprobe=4)
+    out = cat.save(tmp_path / "cat")
+    assert sorted(os.listdir(tmp_path)) == ["cat"]  # no temp leftovers
+    back = Catalog.load(out, model=model)
+    assert back.kind == kind and len(back) == len(cat) and back.ids() == cat.ids()
+    assert back.search(q, k=7, ef_search=50, nprobe=4) == before
+    assert back.add(x[:1], ids=["new"]) == ["new"] and "new" in back
+    with pytest.raises(CatalogMismatchError, match="built with model abc.*bundle given is model zzz"):
+        Catalog.load(out, model={**model, "manifest_digest": "zzz"})
+
+
+def test_partial_tampered_and_foreign_catalogues_are_refused(tmp_path, data):
+    x, _ = data
+    cat = Catalog(DIM, "flat")
+    cat.add(x[:50])
+    out = cat.save(tmp_path / "cat")
+    # a crash during save leaves the old catalogue whole
+    import sdk.catalog as C
+
+    real = C.sha256_file
+    C.sha256_file = lambda p: (_ for _ in ()).throw(OSError("disk gone"))
+    try:
+        cat.add(x[50:60])
+        with pytest.raises(OSError, match="disk gone"):
+            cat.save(out)
+    finally:
+        C.sha256_file = real
+    assert len(Catalog.load(out)) == 50 and sorted(os.listdir(tmp_path)) == ["cat"]
+    # tampered / missing files
+    with open(os.path.join(out, "entries.jsonl"), "a") as f:
+        f.write('[999,999,null]\n')
+    with pytest.raises(CatalogFormatError, match="entries.jsonl.*SHA-256"):
+        Catalog.load(out)
+    os.remove(os.path.join(out, "index.faiss"))
+    with pytest.raises(CatalogFormatError, match="index.faiss: missing"):
+        Catalog.load(out)
+    os.remove(os.path.join(out, "catalog.json"))
+    with pytest.raises(CatalogFormatError, match="no catalog.json.*partial write"):
+        Catalog.load(out)
+    # unknown schema
+    out2 = cat.save(tmp_path / "cat2")
+    header = json.loads(open(os.path.join(out2, "catalog.json")).read())
+    header["schema_version"] = 7
+    open(os.path.join(out2, "catalog.json"), "w").write(json.dumps(header))
+    with pytest.raises(CatalogFormatError, match="schema version 7"):
+        Catalog.load(out2)
+    # refuses to overwrite a folder that is not a catalogue
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    with pytest.raises(CatalogError, match="not a catalogue"):
+        cat.save(tmp_path / "photos")
+    assert (tmp_path / "photos" / "a.jpg").exists()
