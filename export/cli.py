@@ -1,0 +1,133 @@
+"""``ibc-export``: the command line over :func:`export.api.export_bundle`.
+
+Exit codes: 0 every requested variant passed and was written; 1 bad input or a failed step
+(one line on stderr, nothing half-written); 2 usage error; 3 the parity gate rejected a variant
+(the passing ones are written, the table and the failure say which and by how much).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from export.errors import ExportError, GateFailure
+
+log = logging.getLogger("export")
+
+EXIT_ERROR, EXIT_GATE = 1, 3
+
+
+def _mb(n: int | None) -> str:
+    return "-" if not n else f"{n / 1e6:.1f}"
+
+
+def format_table(result) -> str:
+    """Variants as a fixed-width table: size, Recall@K, MAP@R, drop, cosine, pass/fail."""
+    ks = result.ks
+    head = ["variant", "MB"] + [f"R@{k}" for k in ks] + ["MAP@R", "dR@1", "cos mean", "cos p1", "img/s", "gate"]
+    rows = [["pytorch-fp32 (ref)", _mb(result.reference_size)]
+            + [f"{100 * result.reference[f'recall@{k}']:.2f}" for k in ks]
+            + [f"{100 * result.reference['map@r']:.2f}", "-", "1", "1", "-", "ref"]]
+    for v in result.variants:
+        p = v.parity
+        m = p.metrics or {}
+        status = "pass" if p.passed else ("FAIL (kept)" if v.name in result.written else "FAIL")
+        rows.append([v.name, _mb(result.sizes.get(v.name))]
+                    + [f"{100 * m[f'recall@{k}']:.2f}" if f"recall@{k}" in m else "-" for k in ks]
+                    + [f"{100 * m['map@r']:.2f}" if "map@r" in m else "-", f"{p.recall1_drop:+.2f}",
+                       f"{p.cosine_mean:.4f}", f"{p.cosine_p1:.4f}",
+                       f"{v.images_per_s:.1f}" if v.images_per_s else "-", status])
+    for name, why in result.skipped:
+        rows.append([name, "-"] + ["-"] * len(ks) + ["-", "-", "-", "-", "-", "skipped"])
+    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+    fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    lines = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
+    return "\n".join(lines)
+
+
+def _ints(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(int(k) for k in str(value).split(",") if k.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(), help="bundle directory to write (e.g. model.ibc)")
+@click.option("--backend", "backends", default="onnx,openvino", help="comma list: onnx, openvino, tensorrt")
+@click.option("--precision", "precisions", default="fp32,fp16,int8", help="comma list: fp32, fp16, bf16, int8")
+@click.option("--calib-data", type=click.Path(), help="calibration images (default: the checkpoint's training split)")
+@click.option("--parity-data", type=click.Path(),
+              help="held-out DIR/<class>/<image> for the gate (default: the checkpoint's test split)")
+@click.option("--val-data", type=click.Path(),
+              help="labelled DIR for OpenVINO int8 accuracy control (default: the checkpoint's validation split)")
+@click.option("--tolerance", default=None,
+              help="allowed Recall@1 drop in points: a number (int8) or int8=0.5,fp16=0.1,bf16=0.5,fp32=0.1")
+@click.option("--ks", callback=_ints, default=None, help="Recall@K cut-offs, e.g. 1,2,4,8")
+@click.option("--allow-drop", is_flag=True, help="write variants that fail the gate too (marked failed)")
+@click.option("--overwrite", is_flag=True, help="replace an existing bundle at --out")
+@click.option("--calib-size", default=300, type=click.IntRange(1), help="calibration images used")
+@click.option("--parity-limit", default=None, type=click.IntRange(2), help="cap the parity set (seeded sample)")
+@click.option("--val-limit", default=1000, type=click.IntRange(2), help="cap the accuracy-control validation set")
+@click.option("--batch-size", default=32, type=click.IntRange(1))
+@click.option("--calib-method", default="minmax",
+              type=click.Choice(["minmax", "entropy", "percentile", "distribution"]),
+              help="ONNX Runtime int8 calibration method")
+@click.option("--ort-scheme", default="u8s8", type=click.Choice(["u8s8", "s8s8", "s8s8-symmetric"]),
+              help="ONNX Runtime int8 activation/weight types")
+@click.option("--keep-float", default="", help="int8: comma list of ONNX node names/globs left in float; 'head' (the embedding head) "
+                   "applies to OpenVINO too")
+@click.option("--ov-accuracy-control/--no-ov-accuracy-control", default=True,
+              help="OpenVINO int8: revert layers to float until the validation Recall@1 drop is within --ov-max-drop")
+@click.option("--ov-max-drop", default=0.25, type=float, help="OpenVINO int8 accuracy-control target, Recall@1 points")
+@click.option("--ov-preset", default="performance", type=click.Choice(["performance", "mixed"]))
+@click.option("--ov-int8-float", default="f32", type=click.Choice(["f32", "bf16"]),
+              help="precision of the layers an OpenVINO int8 variant leaves in float")
+@click.option("--opset", default=18, type=click.IntRange(17))
+@click.option("--trt-weak-typing", is_flag=True, help="TensorRT 10 only: BuilderFlag FP16/INT8 instead of strong typing")
+@click.option("--seed", default=0, type=int)
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars, warnings only")
+@click.option("--verbose", "-v", is_flag=True, help="debug logging")
+def main(checkpoint, out, backends, precisions, calib_data, parity_data, val_data, tolerance, ks, allow_drop,
+         overwrite, calib_size, parity_limit, val_limit, batch_size, calib_method, ort_scheme, keep_float,
+         ov_accuracy_control, ov_max_drop, ov_preset, ov_int8_float, opset, trt_weak_typing, seed, quiet, verbose):
+    """Export CHECKPOINT to a bundle of ONNX / OpenVINO / TensorRT variants, each gated on Recall@K."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("nncf", "openvino", "onnxruntime", "torch", "onnxscript"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
+    from export.api import export_bundle
+    from export.openvino_export import OvInt8Options
+    from export.ort_quantize import OrtInt8Options
+
+    keep = tuple(s.strip() for s in keep_float.split(",") if s.strip())
+    try:
+        result = export_bundle(
+            checkpoint, out, backends=backends, precisions=precisions, calib_data=calib_data, parity_data=parity_data,
+            val_data=val_data, tolerance=tolerance, ks=ks, allow_drop=allow_drop, overwrite=overwrite,
+            calib_size=calib_size, parity_limit=parity_limit, val_limit=val_limit, batch_size=batch_size,
+            ort_int8=OrtInt8Options(scheme=ort_scheme, calibrate_method=calib_method, keep_float=keep),
+            ov_int8=OvInt8Options(accuracy_control=ov_accuracy_control, max_drop=ov_max_drop, preset=ov_preset,
+                                  keep_float=tuple(k for k in keep if k == "head"), float_precision=ov_int8_float),
+            opset=opset, trt_weak_typing=trt_weak_typing, seed=seed, progress=not quiet)
+    except GateFailure as e:
+        if e.result is not None:
+            click.echo(format_table(e.result))
+        click.echo(f"ibc-export: {e}", err=True)
+        if e.result is not None and e.result.out:
+            click.echo(f"wrote {e.result.out} with {', '.join(e.result.written)}", err=True)
+        sys.exit(EXIT_GATE)
+    except (ExportError, ValueError, FileExistsError) as e:  # CheckpointError / BundleError are ValueErrors
+        click.echo(f"ibc-export: {e}", err=True)
+        sys.exit(EXIT_ERROR)
+    click.echo(format_table(result))
+    click.echo(f"wrote {result.out} ({', '.join(result.written)}) in {result.seconds:.0f}s")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
