@@ -1,0 +1,60 @@
+"""PNG plots of a run's metrics log: loss and Recall@K over epochs."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def plot_metrics(records: list[dict], out_dir: str) -> list[str]:
+    """Write ``loss.png`` and ``recall.png`` from per-epoch records; returns the paths written."""
+    if not records:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    epochs = [r["epoch"] for r in records]
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("loss", "total"), ("loss_backbone", "backbone CE"), ("loss_mpn", "MPN CE")):
+        pts = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(out_dir, "loss.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    written.append(path)
+
+    keys = sorted({k for r in records for k in r if k.startswith(("val/recall@", "test/recall@"))},
+                  key=lambda k: (k.split("/")[0], int(k.split("@")[1])))
+    if keys:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in keys:
+            pts = [(r["epoch"], 100 * r[key]) for r in records if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=key.replace("recall@", "R@"))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("Recall@K (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(out_dir, "recall.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    del epochs
+    return written
+
+
+__all__ = ["plot_metrics"]
