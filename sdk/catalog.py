@@ -20,6 +20,11 @@ Design decisions:
   validation happens before), so a search sees the catalogue entirely before or entirely after a
   write. Per-query search parameters go through faiss ``SearchParameters`` objects built per call,
   never by mutating shared index fields.
+* **Exact search, faster.** A flat catalogue of >= ``INT8_MIN_ENTRIES`` vectors is searched by
+  :class:`Int8ExactScan` when ONNX Runtime is present: an int8 GEMM (VNNI/AMX/NEON-dot) proposes
+  candidates, fp32 re-ranks them, and a rigorous quantisation-error bound certifies that nothing
+  outside the candidates can enter the top k; queries it cannot certify are answered by faiss's
+  fp32 scan. The answer is the exact top-k either way.
 * **Index choice.** ``"auto"`` follows autofaiss's reasoning: exact search while it is cheap,
   HNSW when the vectors plus graph fit the memory budget, IVF-PQ (compressed codes) when they do
   not. It is re-evaluated as the catalogue grows and the index migrated once a threshold is
@@ -32,7 +37,9 @@ Design decisions:
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -289,6 +296,7 @@ class IndexSpec:
     compact_fraction: float = 0.25  # HNSW: rebuild when this share of the graph is tombstones
     train_size: int | None = None  # IVF-PQ training sample; None: max(40 * nlist, 10k)
     seed: int = 1234
+    exact_int8: bool = True  # flat: certified int8 scan (see Int8ExactScan) when onnxruntime is there
 
     def __post_init__(self):
         if self.kind not in ("auto",) + INDEX_KINDS:
@@ -366,6 +374,187 @@ def ivfpq_params(n: int, dim: int, spec: IndexSpec, budget: int | None = None) -
     return nlist, m
 
 
+# ------------------------------------------------------------------------------- int8 exact scan
+INT8_MIN_ENTRIES = 20_000  # below this the fp32 scan is fast enough and the int8 codes not worth keeping
+
+# A 271-byte ONNX graph, shape-generic: values, indices = TopK(MatMulInteger(q:u8[n,d], xt:i8[d,N], zp=128), k),
+# axis 1, largest, unsorted. Embedded so the SDK needs onnxruntime but not the onnx package;
+# tests/test_sdk_catalog.py rebuilds it with onnx.helper and checks it is the same graph.
+INT8_TOPK_ONNX = base64.b64decode(
+    "CAgSB2liYy1zZGs6+wEKHQoBcQoCeHQKAnpwEgFzIg1NYXRNdWxJbnRlZ2VyCkkKAXMKAWsSBnZhbHVlcxIHaW5kaWNlcyIEVG9wSyoLCgRh"
+    "eGlzGAGgAQIqDgoHbGFyZ2VzdBgBoAECKg0KBnNvcnRlZBgAoAECEglpbnQ4X3RvcGsqCRACQgJ6cEoBgFoVCgFxEhAKDggCEgoKAxIBbgoD"
+    "EgFkWhYKAnh0EhAKDggDEgoKAxIBZAoDEgFOWg8KAWsSCgoICAcSBAoCCAFiGwoGdmFsdWVzEhEKDwgGEgsKAxIBbgoEEgJra2IcCgdpbmRp"
+    "Y2VzEhEKDwgHEgsKAxIBbgoEEgJra0IECgAQEQ=="
+)
+
+
+def _int8_dot_cannot_saturate() -> bool:
+    """True where ONNX Runtime's u8 x s8 GEMM accumulates exactly for full 8-bit codes.
+
+    x86 CPUs with VNNI / AMX and ARM dot-product units accumulate in int32; plain AVX2 kernels
+    add u8 x s8 pairs in saturating int16 first, so there (and when unsure) codes stay 7-bit.
+    """
+    import platform
+
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+
+
+def int8_scan_available() -> bool:
+    try:
+        return importlib.util.find_spec("onnxruntime") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+class Int8ExactScan:
+    """Exact top-k over the vectors of a flat index, several times faster than an fp32 BLAS scan.
+
+    Why: exact search is a GEMM, and CPUs run int8 GEMMs (VNNI, AMX, ARM dot-product) several
+    times faster than fp32 ones. Exactness is kept by certification, not hoped for:
+
+    * every vector x is stored as 7-bit codes with one catalogue-wide scale, and its quantisation
+      error ``e_x = ||x - x_hat||`` is known; a query q (unit norm) is quantised per row with
+      error ``e_q``. Then ``|q.x - q_hat.x_hat| <= e_x + e_q (1 + e_x)`` (Cauchy-Schwarz);
+    * the int8 scan (ONNX Runtime ``MatMulInteger`` + ``TopK``, in blocks of 65,536 vectors)
+      proposes the ``KPRIME`` best by approximate score; they are re-scored exactly in fp32
+      (queries not certified with those get a second pass with ``KPRIME_WIDE`` candidates);
+    * if the exact k-th best score t exceeds ``c + eps`` (c: the lowest approximate score among
+      the candidates, so an upper bound for everything left out; eps: the bound above with the
+      largest e_x), no excluded vector can reach the top k: the answer is exact. Otherwise the
+      query is reported uncertified and the caller answers it with faiss's fp32 scan.
+
+    Vectors that quantise badly (``e_x > OUTLIER``, e.g. one huge component) are not trusted to
+    the bound; they are scored exactly for every query. Codes are 8-bit where the int8 GEMM
+    accumulates exactly (VNNI, AMX, ARM), else 7-bit so that u8 x s8 pair sums cannot saturate
+    (AVX2 without VNNI). Positions follow the flat index's order.
+    Not thread-safe for writes: the catalogue calls ``append`` under its write lock only.
+    """
+
+    BLOCK = 1 << 16
+    OUTLIER = 0.06
+    KPRIME = 64
+    KPRIME_WIDE = 1024
+    Q_CHUNK = 512
+    MAX_OUTLIERS = 4096
+
+    def __init__(self, dim: int, scale: float):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(INT8_TOPK_ONNX, so, providers=["CPUExecutionProvider"])
+        self.dim, self.scale = dim, float(scale)
+        self.code_max = self.code_max_here()
+        self.blocks: list[np.ndarray] = []  # (dim, BLOCK) int8; column j of block b = position b*BLOCK + j
+        self.n = 0
+        self.emax = 0.0
+        self.outliers = np.zeros(0, np.int64)  # positions
+        self.ids = np.zeros(0, np.int64)  # internal id of each position
+        self.queries = 0
+        self.uncertified = 0
+
+    @staticmethod
+    def code_max_here() -> int:
+        return 127 if _int8_dot_cannot_saturate() else 63
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, ids: np.ndarray) -> "Int8ExactScan":
+        sample = vectors[:: max(1, len(vectors) // 100_000)]
+        top = float(np.quantile(np.abs(sample), 0.9999)) if len(sample) else 1.0
+        scan = cls(vectors.shape[1], max(top, 1e-6) / cls.code_max_here())
+        scan.append(vectors, ids)
+        return scan
+
+    @property
+    def usable(self) -> bool:
+        return len(self.outliers) <= self.MAX_OUTLIERS
+
+    def append(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Add vectors (unit norm, float32) at the next positions."""
+        for s in range(0, len(vectors), self.BLOCK):
+            x = vectors[s:s + self.BLOCK]
+            scaled = x * np.float32(1.0 / self.scale)
+            np.rint(scaled, out=scaled)
+            np.clip(scaled, -self.code_max, self.code_max, out=scaled)
+            codes = scaled.astype(np.int8)
+            scaled *= np.float32(self.scale)
+            np.subtract(x, scaled, out=scaled)  # quantisation error per component
+            err = np.sqrt(np.einsum("ij,ij->i", scaled, scaled, dtype=np.float64))
+            bad = err > self.OUTLIER
+            if (~bad).any():
+                self.emax = max(self.emax, float(err[~bad].max()))
+            if bad.any():
+                self.outliers = np.concatenate([self.outliers, self.n + np.flatnonzero(bad)])
+            done = 0
+            while done < len(codes):
+                fill = self.n % self.BLOCK
+                if fill == 0:
+                    self.blocks.append(np.zeros((self.dim, self.BLOCK), np.int8))
+                take = min(self.BLOCK - fill, len(codes) - done)
+                self.blocks[-1][:, fill:fill + take] = codes[done:done + take].T
+                self.n += take
+                done += take
+        self.ids = np.concatenate([self.ids, np.asarray(ids, np.int64)])
+
+    def search(self, q: np.ndarray, k: int, xb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores, positions, certified) for unit queries ``q``; ``xb`` is the fp32 (n, d) storage."""
+        nq = len(q)
+        k = min(k, self.n)
+        scores = np.full((nq, k), -np.inf, np.float32)
+        pos = np.full((nq, k), -1, np.int64)
+        ok = np.zeros(nq, bool)
+        todo = np.arange(nq)
+        for kp in (max(self.KPRIME, 2 * k), max(self.KPRIME_WIDE, 16 * k)):
+            kp = min(kp, self.n)
+            for s in range(0, len(todo), self.Q_CHUNK):
+                rows = todo[s:s + self.Q_CHUNK]
+                scores[rows], pos[rows], ok[rows] = self._search_chunk(np.ascontiguousarray(q[rows]), k, kp, xb)
+            todo = np.flatnonzero(~ok)
+            if len(todo) == 0 or kp == self.n:
+                break
+        self.queries += nq
+        self.uncertified += int((~ok).sum())
+        return scores, pos, ok
+
+    def _search_chunk(self, q: np.ndarray, k: int, kp: int, xb: np.ndarray):
+        aq = np.abs(q).max(axis=1) / 127.0
+        q8 = np.rint(q / aq[:, None])
+        e_q = np.linalg.norm(q - q8 * aq[:, None], axis=1)
+        qu = (q8 + 128).astype(np.uint8)
+        vals, poss = [], []
+        for b, block in enumerate(self.blocks):
+            count = min(self.BLOCK, self.n - b * self.BLOCK)
+            xt = block if count == self.BLOCK else np.ascontiguousarray(block[:, :count])
+            v, i = self.session.run(None, {"q": qu, "xt": xt, "k": np.array([min(kp, count)], np.int64)})
+            vals.append(v)
+            poss.append(i + b * self.BLOCK)
+        V, P = np.concatenate(vals, axis=1), np.concatenate(poss, axis=1)
+        if V.shape[1] > kp:
+            pick = np.argpartition(-V, kp - 1, axis=1)[:, :kp]
+            V, P = np.take_along_axis(V, pick, 1), np.take_along_axis(P, pick, 1)
+        # lowest approximate score among candidates: an upper bound for every excluded vector
+        cut = (V.min(axis=1).astype(np.float64) * aq * self.scale) if kp < self.n else np.full(len(q), -np.inf)
+        exact = np.matmul(xb[P], q[:, :, None])[:, :, 0]  # (nq, kp) fp32 re-rank
+        if len(self.outliers):
+            exact[np.isin(P, self.outliers)] = -np.inf  # scored below, exactly, once
+            exact = np.concatenate([exact, q @ xb[self.outliers].T], axis=1)
+            P = np.concatenate([P, np.broadcast_to(self.outliers, (len(q), len(self.outliers)))], axis=1)
+        top = np.argpartition(-exact, k - 1, axis=1)[:, :k]
+        top_s = np.take_along_axis(exact, top, 1)
+        order = np.argsort(-top_s, axis=1, kind="stable")
+        top_s, top_p = np.take_along_axis(top_s, order, 1), np.take_along_axis(np.take_along_axis(P, top, 1), order, 1)
+        eps = self.emax + e_q * (1.0 + self.emax) + 1e-5
+        certified = top_s[:, -1] > cut + eps
+        return top_s, top_p, certified
+
+
 # -------------------------------------------------------------------------------------- catalog
 class Catalog:
     """Vectors + ids + metadata in a faiss index; thread-safe; saves and loads atomically.
@@ -390,6 +579,8 @@ class Catalog:
         self._next_auto = 0
         self._deleted: set[int] = set()  # HNSW tombstones (internal ids)
         self._deleted_sel = None  # (IDSelector, its backing objects) while tombstones exist
+        self._scan: Int8ExactScan | None = None  # flat only: built on first search, kept in step by add
+        self._scan_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------- properties
     @property
@@ -421,7 +612,11 @@ class Catalog:
 
     def info(self) -> dict:
         with self._lock.read():
+            scan = self._scan
             return {
+                "exact_scan": None if scan is None else {"kind": "int8 certified", "queries": scan.queries,
+                                                          "uncertified_fallbacks": scan.uncertified,
+                                                          "outliers": len(scan.outliers)},
                 "entries": len(self._uid),
                 "dim": self.dim,
                 "index": self.kind,
@@ -495,6 +690,7 @@ class Catalog:
             index.add_with_ids(vecs, ids)
         old = self.kind
         self._index, self._kind = index, kind
+        self._scan = None
         self._deleted.clear()
         self._deleted_sel = None
         log.info("rebuilt the catalogue index %s -> %s over %d vectors in %.1fs", old, kind, len(ids),
@@ -567,6 +763,8 @@ class Catalog:
             if self._index is None:
                 self._index = self._new_index(self.kind, x)
             self._index.add_with_ids(x, internal)
+            if self._scan is not None:
+                self._scan.append(x, internal)
             # nothing below can fail: the state changes together
             self._next_internal += n
             self._id_kind = kind
@@ -599,6 +797,7 @@ class Catalog:
             if self.kind == "hnsw":
                 self._deleted.update(internal)
             else:
+                self._scan = None  # positions shift: rebuilt on the next search
                 removed = self._index.remove_ids(_faiss().IDSelectorBatch(arr))
                 if removed != len(arr):
                     raise RuntimeError(f"faiss removed {removed} of {len(arr)} entries; catalogue inconsistent")
@@ -634,6 +833,43 @@ class Catalog:
             return p
         return None
 
+    def _flat_vectors(self) -> np.ndarray:
+        """Zero-copy (n, dim) view of a flat index's fp32 storage (valid while the lock is held)."""
+        faiss = _faiss()
+        inner = faiss.downcast_index(self._index.index)
+        return faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * self.dim).reshape(inner.ntotal, self.dim)
+
+    def _flat_scan(self) -> Int8ExactScan | None:
+        """The int8 scanner of a large flat catalogue, built on first use.
+
+        Built under the read lock (the data cannot change meanwhile) by one thread at a time.
+        """
+        if (self.kind != "flat" or not self.spec.exact_int8 or self._index is None
+                or self._index.ntotal < INT8_MIN_ENTRIES or not int8_scan_available()):
+            return None
+        scan = self._scan
+        if scan is None:
+            with self._scan_lock:
+                scan = self._scan
+                if scan is None:
+                    t0 = time.perf_counter()
+                    ids = _faiss().vector_to_array(self._index.id_map).astype(np.int64)
+                    scan = self._scan = Int8ExactScan.build(self._flat_vectors(), ids)
+                    log.info("built the int8 exact scan over %d vectors in %.1fs (%d outliers)", scan.n,
+                             time.perf_counter() - t0, len(scan.outliers))
+        return scan if scan.usable else None
+
+    def _search_index(self, q: np.ndarray, k: int, params) -> tuple[np.ndarray, np.ndarray]:
+        scan = self._flat_scan()
+        if scan is None:
+            return self._index.search(q, k, params=params)
+        D, P, ok = scan.search(q, k, self._flat_vectors())
+        I = np.where(P >= 0, scan.ids[np.maximum(P, 0)], -1)
+        if not ok.all():  # not certified: faiss's fp32 scan answers these queries
+            bad = np.flatnonzero(~ok)
+            D[bad], I[bad] = self._index.search(np.ascontiguousarray(q[bad]), k)
+        return D, I
+
     def search_internal(self, vectors: Any, k: int = 10, *, ef_search: int | None = None,
                         nprobe: int | None = None) -> tuple[np.ndarray, list[list[Hit]]]:
         """Validate, search under the read lock, translate ids. Returns (scores, hits)."""
@@ -653,7 +889,7 @@ class Catalog:
             kk = min(k, live)
             params = self._params(ef_search, nprobe, kk)
             sel = self._deleted_sel  # noqa: F841  (keeps the selector alive during the call)
-            D, I = self._index.search(q, kk, params=params)
+            D, I = self._search_index(q, kk, params)
             uid, meta = self._uid, self._meta
             for r in range(nq):
                 row = hits[r]

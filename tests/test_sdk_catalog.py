@@ -289,3 +289,97 @@ def test_partial_tampered_and_foreign_catalogues_are_refused(tmp_path, data):
     with pytest.raises(CatalogError, match="not a catalogue"):
         cat.save(tmp_path / "photos")
     assert (tmp_path / "photos" / "a.jpg").exists()
+
+
+# ------------------------------------------------------------------------- certified int8 exact scan
+@pytest.fixture
+def small_scan(monkeypatch):
+    """Make the int8 scan kick in on test-sized catalogues, with several blocks and a partial last one."""
+    import sdk.catalog as C
+
+    if not C.int8_scan_available():
+        pytest.skip("onnxruntime not installed")
+    monkeypatch.setattr(C, "INT8_MIN_ENTRIES", 500)
+    monkeypatch.setattr(C.Int8ExactScan, "BLOCK", 1024)
+    return C
+
+
+def uniform(n, dim, seed):
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("seven_bit", [False, True])
+def test_int8_scan_is_exact_on_clustered_uniform_and_spiky_vectors(small_scan, monkeypatch, seven_bit):
+    if seven_bit:  # the AVX2-without-VNNI code path
+        monkeypatch.setattr(small_scan, "_int8_dot_cannot_saturate", lambda: False)
+    x = np.concatenate([clustered(2500, dim=64, clusters=30, seed=3), uniform(2500, 64, 4)])
+    x[[10, 3000]] = 0
+    x[10, 5] = x[3000, 7] = 1.0  # quantise badly: handled as outliers, scored exactly
+    q = np.concatenate([clustered(40, dim=64, clusters=30, seed=5), uniform(40, 64, 6), x[[10, 3000]]])
+    cat = Catalog(64, "flat")
+    cat.add(x[:3000])
+    cat.search(q[:1], k=1)  # builds the scan
+    cat.add(x[3000:])  # appended to the scan incrementally
+    scores, ids = cat.search_raw(q, k=10)
+    true_s, true_i = brute_force(x, q, 10)
+    assert np.array_equal(ids, true_i)
+    np.testing.assert_allclose(scores, true_s, atol=1e-5)
+    stats = cat.info()["exact_scan"]
+    assert stats["queries"] == len(q) + 1 and stats["outliers"] >= 2
+    assert cat._scan.code_max == (63 if seven_bit else 127)
+    cat.remove([0, 1, 2, 3000])  # positions shift: the scan is rebuilt on the next search
+    assert cat.info()["exact_scan"] is None
+    keep = np.setdiff1d(np.arange(len(x)), [0, 1, 2, 3000])
+    _, true_i = brute_force(x[keep], q, 10)
+    assert np.array_equal(cat.search_raw(q, k=10)[1], keep[true_i])
+
+
+def test_int8_scan_falls_back_when_it_cannot_certify(small_scan, monkeypatch):
+    # near-ties everywhere (uniform, high-dimensional) and few candidates: certification must fail
+    monkeypatch.setattr(small_scan.Int8ExactScan, "KPRIME", 10)
+    monkeypatch.setattr(small_scan.Int8ExactScan, "KPRIME_WIDE", 12)
+    x, q = uniform(3000, 256, 7), uniform(30, 256, 8)
+    cat = Catalog(256, "flat")
+    cat.add(x)
+    _, ids = cat.search_raw(q, k=10)
+    assert cat.info()["exact_scan"]["uncertified_fallbacks"] > 0
+    assert np.array_equal(ids, brute_force(x, q, 10)[1])
+
+
+def test_int8_bound_holds_for_every_pair(small_scan):
+    """The certification rests on |q.x - approx| <= eps; check it on all pairs of a sample."""
+    x, q = np.concatenate([clustered(1500, dim=48, seed=9), uniform(500, 48, 10)]), uniform(64, 48, 11)
+    scan = small_scan.Int8ExactScan.build(x, np.arange(len(x)))
+    codes = np.concatenate([b for b in scan.blocks], axis=1)[:, : scan.n].astype(np.int64)
+    aq = np.abs(q).max(axis=1) / 127.0
+    q8 = np.rint(q / aq[:, None])
+    e_q = np.linalg.norm(q - q8 * aq[:, None], axis=1)
+    approx = (q8.astype(np.int64) @ codes) * aq[:, None] * scan.scale
+    err = np.abs(q.astype(np.float64) @ x.T.astype(np.float64) - approx)
+    eps = scan.emax + e_q * (1 + scan.emax) + 1e-5
+    inliers = np.setdiff1d(np.arange(len(x)), scan.outliers)
+    assert (err[:, inliers] <= eps[:, None]).all()
+    assert err.max() > 0 and eps.max() < 0.1  # a real, non-vacuous bound
+
+
+def test_embedded_int8_graph_is_what_it_claims():
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdk.catalog import INT8_TOPK_ONNX
+
+    g = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["q", "xt", "zp"], ["s"]),
+         helper.make_node("TopK", ["s", "k"], ["values", "indices"], axis=1, largest=1, sorted=0)],
+        "int8_topk",
+        [helper.make_tensor_value_info("q", TensorProto.UINT8, ["n", "d"]),
+         helper.make_tensor_value_info("xt", TensorProto.INT8, ["d", "N"]),
+         helper.make_tensor_value_info("k", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("values", TensorProto.INT32, ["n", "kk"]),
+         helper.make_tensor_value_info("indices", TensorProto.INT64, ["n", "kk"])],
+        initializer=[numpy_helper.from_array(np.array(128, np.uint8), "zp")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], producer_name="ibc-sdk")
+    m.ir_version = 8
+    assert m.SerializeToString() == INT8_TOPK_ONNX
+    onnx.checker.check_model(onnx.load_from_string(INT8_TOPK_ONNX))

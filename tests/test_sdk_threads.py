@@ -19,10 +19,17 @@ def unit(n, seed):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw"])
-def test_eight_readers_one_writer(kind):
+@pytest.mark.parametrize("kind", ["flat", "flat-int8", "hnsw"])
+def test_eight_readers_one_writer(kind, monkeypatch):
+    import sdk.catalog as C
+
+    if kind == "flat-int8":  # the certified int8 scan: built lazily by a reader, appended to by the writer
+        if not C.int8_scan_available():
+            pytest.skip("onnxruntime not installed")
+        monkeypatch.setattr(C, "INT8_MIN_ENTRIES", 500)
+        monkeypatch.setattr(C.Int8ExactScan, "BLOCK", 512)
     base, new = unit(N0, 0), unit(BATCH * BATCHES, 1)
-    cat = Catalog(DIM, kind, hnsw_m=16, ef_search=64)
+    cat = Catalog(DIM, kind.split("-")[0], hnsw_m=16, ef_search=64)
     cat.add(base)
     removed = list(range(0, 200))
     errors: list[str] = []
@@ -42,15 +49,15 @@ def test_eight_readers_one_writer(kind):
                     ids = [h.id for h in row]
                     if len(ids) != len(set(ids)):
                         errors.append(f"duplicate ids in one hit list: {ids}")
-                if kind == "flat" and hits[0][0].id != i:
+                if kind != "hnsw" and hits[0][0].id != i:
                     errors.append(f"lost entry {i}: top hit {hits[0][0].id}")
                 got_first = hits[1][0].id == N0 + b * BATCH
                 got_last = hits[2][0].id == N0 + (b + 1) * BATCH - 1
-                if kind == "flat" and got_first != got_last:
+                if kind != "hnsw" and got_first != got_last:
                     errors.append(f"batch {b} half visible (first {got_first}, last {got_last})")
                 if got_first and got_last:
                     seen_batches.add(b)
-                elif b in seen_batches and kind == "flat":
+                elif b in seen_batches and kind != "hnsw":
                     errors.append(f"batch {b} disappeared after being seen")
                 searches[t] += 1
         except Exception as e:  # pragma: no cover - reported below
@@ -87,8 +94,10 @@ def test_eight_readers_one_writer(kind):
     probe = np.array(sorted(expected))[::7]
     top = [row[0].id for row in cat.search(everything[probe], k=1, ef_search=128)]
     hit_rate = np.mean(np.array(top) == probe)
-    assert hit_rate == 1.0 if kind == "flat" else hit_rate >= 0.98
+    assert hit_rate == 1.0 if kind != "hnsw" else hit_rate >= 0.98
     assert not {h.id for row in cat.search(base[:200], k=5) for h in row} & set(removed)
+    if kind == "flat-int8":
+        assert cat.info()["exact_scan"]["queries"] > 0
 
 
 def test_rwlock_writer_is_exclusive_and_not_starved():
