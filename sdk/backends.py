@@ -399,7 +399,7 @@ class TensorRTRunner(Runner):
                 self.context.set_tensor_address(self.output_name, d_out)
                 self._check(cudart.cudaMemcpyAsync(d_in, x.ctypes.data, x.nbytes,
                                                    cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
-                if not self.context.execute_async_v3(self.stream):
+                if not self.context.execute_async_v3(int(self.stream)):
                     raise BackendError("tensorrt execute_async_v3 failed")
                 self._check(cudart.cudaMemcpyAsync(y.ctypes.data, d_out, y.nbytes,
                                                    cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))

@@ -195,3 +195,26 @@ def test_input_forms_are_told_apart():
     assert split_input([synthetic_image(0)])[0] == "images"
     with pytest.raises(VectorError, match="int64"):
         split_input(np.zeros((2, 16), np.int64))
+
+
+def test_odd_but_valid_images_are_embedded(bundle, tmp_path):
+    base = synthetic_image(3)
+    files = {
+        "gray.png": base.convert("L"),
+        "rgba.png": base.convert("RGBA"),
+        "palette.gif": base.convert("P"),
+        "cmyk.jpg": base.convert("CMYK"),
+        "sixteen.png": Image.fromarray((np.asarray(base.convert("L")).astype(np.uint16) * 257)),
+        "tiny.png": base.resize((3, 2)),
+    }
+    paths = []
+    for name, img in files.items():
+        img.save(tmp_path / name)
+        paths.append(tmp_path / name)
+    r = Retriever.from_bundle(bundle)
+    e = r.embed(paths)
+    assert e.shape == (len(paths), 16) and np.isfinite(e).all()
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    # 16-bit and 8-bit grayscale of the same picture give the same embedding
+    np.testing.assert_allclose(e[0], e[4], atol=1e-4)
+    np.testing.assert_allclose(r.embed(np.asarray(base.convert("L")))[0], e[0], atol=1e-5)  # HxW uint8 array

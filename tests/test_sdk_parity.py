@@ -1,0 +1,63 @@
+"""End to end: the Retriever, with a bundle exported from a trained checkpoint, reproduces the trainer's
+Recall@1 on the held-out Flowers-102 classes (052-102), within the bundle's parity tolerance.
+
+Slow (embeds 4,696 images) and needs artefacts that tests do not make, so it runs only when told:
+
+    IBC_PARITY_BUNDLE=model.ibc IBC_PARITY_METRICS=run/final_metrics.json python -m pytest tests/test_sdk_parity.py
+
+``final_metrics.json`` is what ``ibc-train`` writes for the checkpoint the bundle was exported from.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdk import Retriever
+from sdk.bundle import load_manifest
+
+BUNDLE = os.environ.get("IBC_PARITY_BUNDLE")
+METRICS = os.environ.get("IBC_PARITY_METRICS")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (BUNDLE and METRICS), reason="set IBC_PARITY_BUNDLE and IBC_PARITY_METRICS"),
+]
+
+
+def held_out(shared_data: Path) -> tuple[list[Path], np.ndarray]:
+    paths, labels = [], []
+    for label in range(52, 103):
+        files = sorted((shared_data / "flowers102" / "images" / f"{label:03d}").glob("*.jpg"))
+        paths += files
+        labels += [label] * len(files)
+    return paths, np.asarray(labels)
+
+
+def test_retriever_recall_at_1_matches_the_trainer(shared_data):
+    trainer_r1 = json.loads(Path(METRICS).read_text())["test"]["recall@1"]
+    manifest = load_manifest(BUNDLE)
+    paths, labels = held_out(shared_data)
+    r = Retriever.from_bundle(BUNDLE, index="flat")
+    report = r.add(paths, ids=list(range(len(paths))), on_error="raise", batch_size=64)
+    assert len(report.ids) == len(paths) == 4696
+    # Recall@1 through the catalogue: each image queries all others (itself dropped by id)
+    stored = r.catalog._flat_vectors().copy()
+    hits = r.search(stored, k=2)
+    top = np.array([next(h.id for h in row if h.id != i) for i, row in enumerate(hits)])
+    retriever_r1 = float(np.mean(labels[top] == labels))
+    # the same through sdk.metrics (what the trainer calls)
+    from sdk.metrics import evaluate
+
+    metrics_r1 = evaluate(stored, labels, ks=(1,), nmi=False)["recall@1"]
+    assert abs(retriever_r1 - metrics_r1) < 1e-9
+    parity = r.variant.parity
+    tolerance_points = float(manifest.parity.get("tolerance", {}).get(r.variant.precision, 0.1)
+                             if isinstance(manifest.parity.get("tolerance"), dict)
+                             else manifest.parity.get("tolerance", 0.1))
+    drop = abs(retriever_r1 - trainer_r1) * 100
+    print(f"trainer R@1 {trainer_r1:.4f}, Retriever ({r.variant.name}) R@1 {retriever_r1:.4f}, "
+          f"|diff| {drop:.3f} points, tolerance {tolerance_points} points, bundle parity {parity}")
+    assert drop <= tolerance_points + 1e-6
