@@ -97,7 +97,8 @@ def index_cmd(bundle, images_dir, out, index_kind, backend, precision, threads, 
     with Retriever.from_bundle(bundle, backend=backend, precision=precision, threads=threads,
                                index=index_kind) as r:
         click.echo(f"model: {r.variant.name} ({r.info()['reason']}); {len(files)} images", err=True)
-        report = r.add(files, ids=ids, metadata=meta, on_error=on_error, batch_size=batch_size)
+        report = r.add(files, ids=ids, metadata=meta, on_error=on_error, batch_size=batch_size,
+                       progress=sys.stderr.isatty())
         r.save(out, overwrite=True)
         dt = time.perf_counter() - t0
         for pos, source, reason in report.skipped:

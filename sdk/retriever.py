@@ -234,7 +234,8 @@ class Retriever:
         if pending is not None:
             yield [f.result() for f in pending]
 
-    def _embed_images(self, items: list, batch_size: int, on_error: str) -> tuple[np.ndarray, list[int], list]:
+    def _embed_images(self, items: list, batch_size: int, on_error: str,
+                      progress: bool = False) -> tuple[np.ndarray, list[int], list]:
         """(vectors of the good images, their positions in ``items``, skipped ``(position, item, reason)``)."""
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -242,7 +243,10 @@ class Retriever:
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         out, kept, skipped = [], [], []
         pos = 0
+        bar = _progress_bar(len(items)) if progress else None
         for chunk in self._chunks(items, batch_size):
+            if bar is not None:
+                bar.update(len(chunk))
             arrays = []
             for offset, res in enumerate(chunk):
                 i = pos + offset
@@ -257,6 +261,8 @@ class Retriever:
             pos += len(chunk)
             if arrays:
                 out.append(self._run_model(np.stack(arrays), kept[-len(arrays):], items))
+        if bar is not None:
+            bar.close()
         vecs = np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
         return vecs, kept, skipped
 
@@ -272,7 +278,7 @@ class Retriever:
             raise BackendError(f"the model produced NaN/inf/zero embeddings for {names}")
         return y / norms[:, None]
 
-    def embed(self, images: Any, batch_size: int = 32) -> np.ndarray:
+    def embed(self, images: Any, batch_size: int = 32, progress: bool = False) -> np.ndarray:
         """Images (paths, bytes, PIL images, HWC uint8 arrays; one or a list) -> (N, dim) float32, L2-normalised.
 
         Preprocessing is the manifest's, through :mod:`sdk.preprocess`; decoding runs in a thread
@@ -282,21 +288,22 @@ class Retriever:
         kind, items = split_input(images)
         if kind == "vectors":
             raise VectorError("embed() takes images; these look like vectors (floating-point array)")
-        vecs, _, _ = self._embed_images(items, batch_size, "raise")
+        vecs, _, _ = self._embed_images(items, batch_size, "raise", progress)
         return vecs
 
-    def _vectors_of(self, items: Any, batch_size: int, on_error: str = "raise") -> tuple[np.ndarray, list[int], list]:
+    def _vectors_of(self, items: Any, batch_size: int, on_error: str = "raise",
+                    progress: bool = False) -> tuple[np.ndarray, list[int], list]:
         kind, data = split_input(items)
         if kind == "vectors":
             from sdk.catalog import as_vectors
 
             vecs = as_vectors(data, self.dim)
             return vecs, list(range(len(vecs))), []
-        return self._embed_images(data, batch_size, on_error)
+        return self._embed_images(data, batch_size, on_error, progress)
 
     # ----------------------------------------------------------------------------------- catalog
     def add(self, items: Any, ids: Sequence | None = None, metadata: Sequence[dict | None] | None = None, *,
-            on_error: str = "raise", batch_size: int = 32) -> AddReport:
+            on_error: str = "raise", batch_size: int = 32, progress: bool = False) -> AddReport:
         """Add images or vectors. ``on_error="raise"``: one bad image and nothing is added;
         ``"skip"``: the good ones are added, the bad ones listed in ``report.skipped``.
 
@@ -321,7 +328,7 @@ class Retriever:
                 from sdk.catalog import DuplicateIdError
 
                 raise DuplicateIdError(f"ids already in the catalogue: {taken[:5]} (remove them first to replace)")
-        vecs, kept, skipped = self._vectors_of(data if kind == "images" else data, batch_size, on_error)
+        vecs, kept, skipped = self._vectors_of(data, batch_size, on_error, progress)
         sub_ids = None if id_list is None else [id_list[i] for i in kept]
         sub_meta = None if meta_list is None else [meta_list[i] for i in kept]
         added = self.catalog.add(vecs, ids=sub_ids, metadata=sub_meta) if len(vecs) else []
@@ -353,6 +360,15 @@ class Retriever:
     def save(self, directory: str | os.PathLike, overwrite: bool = True) -> str:
         """Save the catalogue (atomically) with the record of this bundle's model."""
         return self.catalog.save(directory, overwrite=overwrite)
+
+
+def _progress_bar(total: int):
+    """A tqdm bar on stderr when tqdm is installed (it is optional for the SDK), else None."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="img", desc="embed", leave=False)
 
 
 def _model_record(bundle_dir: str, manifest: Manifest, variant: Variant | None) -> dict:
