@@ -66,6 +66,8 @@ def _ints(ctx, param, value):
               help="held-out DIR/<class>/<image> for the gate (default: the checkpoint's test split)")
 @click.option("--val-data", type=click.Path(),
               help="labelled DIR for OpenVINO int8 accuracy control (default: the checkpoint's validation split)")
+@click.option("--data-root", type=click.Path(file_okay=False),
+              help="the checkpoint's dataset folder, if it moved (default: config data.root)")
 @click.option("--tolerance", default=None,
               help="allowed Recall@1 drop in points: a number (int8) or int8=0.5,fp16=0.1,bf16=0.5,fp32=0.1")
 @click.option("--ks", callback=_ints, default=None, help="Recall@K cut-offs, e.g. 1,2,4,8")
@@ -93,7 +95,7 @@ def _ints(ctx, param, value):
 @click.option("--seed", default=0, type=int)
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars, warnings only")
 @click.option("--verbose", "-v", is_flag=True, help="debug logging")
-def main(checkpoint, out, backends, precisions, calib_data, parity_data, val_data, tolerance, ks, allow_drop,
+def main(checkpoint, out, backends, precisions, calib_data, parity_data, val_data, data_root, tolerance, ks, allow_drop,
          overwrite, calib_size, parity_limit, val_limit, batch_size, calib_method, ort_scheme, keep_float,
          ov_accuracy_control, ov_max_drop, ov_preset, ov_int8_float, opset, trt_weak_typing, seed, quiet, verbose):
     """Export CHECKPOINT to a bundle of ONNX / OpenVINO / TensorRT variants, each gated on Recall@K."""
@@ -109,7 +111,7 @@ def main(checkpoint, out, backends, precisions, calib_data, parity_data, val_dat
     try:
         result = export_bundle(
             checkpoint, out, backends=backends, precisions=precisions, calib_data=calib_data, parity_data=parity_data,
-            val_data=val_data, tolerance=tolerance, ks=ks, allow_drop=allow_drop, overwrite=overwrite,
+            val_data=val_data, data_root=data_root, tolerance=tolerance, ks=ks, allow_drop=allow_drop, overwrite=overwrite,
             calib_size=calib_size, parity_limit=parity_limit, val_limit=val_limit, batch_size=batch_size,
             ort_int8=OrtInt8Options(scheme=ort_scheme, calibrate_method=calib_method, keep_float=keep),
             ov_int8=OvInt8Options(accuracy_control=ov_accuracy_control, max_drop=ov_max_drop, preset=ov_preset,

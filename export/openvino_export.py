@@ -119,7 +119,7 @@ class _Capture(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         msg = record.getMessage()
         if any(w in msg.lower() for w in ("revert", "metric", "drop", "accuracy")):
-            self.lines.append(msg.strip())
+            self.lines.append(msg.strip()[:400])
 
 
 def count_fake_quantize(model) -> int:

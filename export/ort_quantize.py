@@ -45,6 +45,7 @@ class OrtInt8Options:
     reduce_range: bool = False  # 7-bit weights: only for CPUs without VNNI
     keep_float: tuple[str, ...] = ()  # node names / globs, or "head" for the embedding head
     percentile: float = 99.999  # for calibrate_method="percentile"
+    quantize_bias: bool = True  # int32 biases; off for TensorRT, which keeps biases float and fuses them
     batch_size: int = 8
 
     def __post_init__(self):
@@ -139,7 +140,7 @@ def quantize_int8(fp32_path: str, out_path: str, calibration, options: OrtInt8Op
               "percentile": CalibrationMethod.Percentile,
               "distribution": CalibrationMethod.Distribution}[options.calibrate_method]
     extra = {"ActivationSymmetric": sym_act, "WeightSymmetric": True, "CalibStridedMinMax": 1,
-             "CalibPercentile": options.percentile}
+             "CalibPercentile": options.percentile, "QuantizeBias": options.quantize_bias}
     reader = ImageCalibrationReader(calibration, input_name, options.batch_size, progress)
     try:
         quantize_static(pre, out_path, reader, quant_format=QuantFormat.QDQ, per_channel=options.per_channel,

@@ -41,10 +41,40 @@ class ExportSource:
     def image_size(self) -> int:
         return int(self.preprocess.crop)
 
+    data_root: str | None = None  # the training data root, resolved (see :func:`resolve_data_root`)
+
     @property
     def data_config(self) -> dict[str, Any] | None:
+        """The checkpoint's ``config["data"]`` with its root resolved; None if it names no usable dataset."""
         data = self.config.get("data")
-        return data if isinstance(data, dict) and data.get("root") else None
+        if not isinstance(data, dict) or not self.data_root:
+            return None
+        return {**data, "root": self.data_root}
+
+
+def resolve_data_root(config: dict, checkpoint_path: str, override: str | None = None) -> str | None:
+    """The dataset folder of ``config["data"]["root"]``; a relative root is tried against the working
+    directory, then the checkpoint's folder and its parents (a run directory sits below the project)."""
+    if override:
+        return os.path.abspath(os.path.expanduser(override))
+    data = config.get("data")
+    root = data.get("root") if isinstance(data, dict) else None
+    if not root:
+        return None
+    root = os.path.expanduser(str(root))
+    if os.path.isabs(root):
+        return root
+    candidates = [os.path.abspath(root)]
+    folder = os.path.dirname(os.path.abspath(checkpoint_path))
+    for _ in range(4):
+        candidates.append(os.path.normpath(os.path.join(folder, root)))
+        folder = os.path.dirname(folder)
+    for c in candidates:
+        if os.path.isdir(c):
+            return c
+    log.warning("the checkpoint's dataset root %r was not found (tried %s); pass --data-root or image folders",
+                root, ", ".join(candidates))
+    return None
 
 
 def _preprocess_of(ckpt: dict, where: str, override: PreprocessConfig | None) -> PreprocessConfig:
@@ -63,7 +93,7 @@ def _preprocess_of(ckpt: dict, where: str, override: PreprocessConfig | None) ->
         raise CheckpointError(f"{where}: bad config['preprocess'] ({e})") from None
 
 
-def load_source(path: str, preprocess: PreprocessConfig | None = None) -> ExportSource:
+def load_source(path: str, preprocess: PreprocessConfig | None = None, data_root: str | None = None) -> ExportSource:
     """Read ``path`` (weights_only) and build its inference embedder; raise CheckpointError if unusable."""
     path = os.fspath(path)
     ckpt = load_checkpoint(path)
@@ -87,4 +117,4 @@ def load_source(path: str, preprocess: PreprocessConfig | None = None) -> Export
     log.info("checkpoint %s: %s %d-d, input %dx%d", path, model.config.backbone, model.config.embed_dim,
              prep.crop, prep.crop)
     return ExportSource(path=path, sha256=file_digest(path), model_config=model.config, embedder=embedder,
-                        preprocess=prep, config=config, info=info)
+                        preprocess=prep, config=config, info=info, data_root=resolve_data_root(config, path, data_root))
