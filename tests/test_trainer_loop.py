@@ -227,3 +227,14 @@ def test_cli_train_eval_only_and_clear_errors(folder, tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     r = _run_helper(tmp_path / "u", ["--out", str(tmp_path / "y"), "--set", "optim.lrr=1"])
     assert r.returncode == 2 and "optim.lrr" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_options_random_split_clip_channels_last_bf16_reload_best(folder, tmp_path, caplog):
+    cfg = tiny_config(folder, **{"sampler.classes_per_batch": 2, "sampler.images_per_class": 4,
+                                 "sampler.random_split": "true", "optim.grad_clip": 1.0, "optim.epochs": 3,
+                                 "optim.reload_best_at": "[2]", "data.val_fraction": 0.5,
+                                 "runtime.channels_last": "true", "runtime.amp": "bf16"})
+    with caplog.at_level("INFO"):
+        res = train(cfg, str(tmp_path / "run"))
+    assert res.epochs == 3 and "epoch 3: reloaded the best model" in caplog.text
+    assert all(r["loss"] == r["loss"] for r in res.history)  # finite under bf16 autocast

@@ -92,7 +92,7 @@ class RuntimeConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on CUDA if supported, else fp16; off on CPU) | bf16 | fp16 | off
-    channels_last: str = "auto"  # auto (on CUDA) | true | false
+    channels_last: bool | str = "auto"  # auto (on CUDA) | true | false
     compile: bool = False
     deterministic: bool = False  # deterministic algorithms (CPU runs are then bit-reproducible)
     threads: int | None = None  # torch intra-op threads; None = leave torch's default
@@ -303,6 +303,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.epochs must be >= 1 and optim.lr > 0")
     if r.amp not in ("auto", "bf16", "fp16", "off"):
         raise ConfigError(f"runtime.amp must be auto, bf16, fp16 or off, got {r.amp!r}")
+    if isinstance(r.channels_last, bool):
+        r.channels_last = "true" if r.channels_last else "false"
     if r.channels_last not in ("auto", "true", "false"):
         raise ConfigError(f"runtime.channels_last must be auto, true or false, got {r.channels_last!r}")
     if cfg.loss.temperature <= 0:
