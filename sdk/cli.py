@@ -158,7 +158,12 @@ def info_cmd(path):
         m = load_manifest(path)
         click.echo(f"bundle {path}: dim {m.embedding_dim}, input {m.input.name} {m.input.shape}, digest {m.digest()[:12]}")
         for v in m.variants:
-            click.echo(f"  {v.name:24s} {'passed' if v.passed else 'FAILED'}  {json.dumps(v.parity, sort_keys=True)}")
+            p = v.parity
+            r1 = (p.get("metrics") or {}).get("recall@1")
+            facts = [f"R@1 {100 * r1:.2f}" if isinstance(r1, (int, float)) else None,
+                     f"drop {p['recall1_drop']:+.2f} pts (tolerance {p.get('tolerance')})" if "recall1_drop" in p else None,
+                     f"{p['images_per_s']:.0f} img/s" if isinstance(p.get("images_per_s"), (int, float)) else None]
+            click.echo(f"  {v.name:24s} {'passed' if v.passed else 'FAILED'}  " + ", ".join(f for f in facts if f))
     else:
         h = Catalog.read_header(path)
         model = h.get("model") or {}

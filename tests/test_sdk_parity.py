@@ -36,11 +36,12 @@ def held_out(shared_data: Path) -> tuple[list[Path], np.ndarray]:
     return paths, np.asarray(labels)
 
 
-def test_retriever_recall_at_1_matches_the_trainer(shared_data):
+@pytest.mark.parametrize("precision", ["auto", "fp32"])
+def test_retriever_recall_at_1_matches_the_trainer(shared_data, precision):
     trainer_r1 = json.loads(Path(METRICS).read_text())["test"]["recall@1"]
     manifest = load_manifest(BUNDLE)
     paths, labels = held_out(shared_data)
-    r = Retriever.from_bundle(BUNDLE, index="flat")
+    r = Retriever.from_bundle(BUNDLE, precision=precision, index="flat")
     report = r.add(paths, ids=list(range(len(paths))), on_error="raise", batch_size=64)
     assert len(report.ids) == len(paths) == 4696
     # Recall@1 through the catalogue: each image queries all others (itself dropped by id)
@@ -54,10 +55,11 @@ def test_retriever_recall_at_1_matches_the_trainer(shared_data):
     metrics_r1 = evaluate(stored, labels, ks=(1,), nmi=False)["recall@1"]
     assert abs(retriever_r1 - metrics_r1) < 1e-9
     parity = r.variant.parity
-    tolerance_points = float(manifest.parity.get("tolerance", {}).get(r.variant.precision, 0.1)
-                             if isinstance(manifest.parity.get("tolerance"), dict)
-                             else manifest.parity.get("tolerance", 0.1))
-    drop = abs(retriever_r1 - trainer_r1) * 100
-    print(f"trainer R@1 {trainer_r1:.4f}, Retriever ({r.variant.name}) R@1 {retriever_r1:.4f}, "
-          f"|diff| {drop:.3f} points, tolerance {tolerance_points} points, bundle parity {parity}")
-    assert drop <= tolerance_points + 1e-6
+    tolerance = float(parity.get("tolerance", manifest.parity.get("tolerances", {}).get(r.variant.precision, 0.1)))
+    diff = abs(retriever_r1 - trainer_r1) * 100  # points, as the gate counts them
+    print(f"trainer R@1 {trainer_r1:.4f}; Retriever ({r.variant.name}) R@1 {retriever_r1:.4f}; |diff| {diff:.3f} points; "
+          f"tolerance {tolerance} points; exporter measured {parity.get('metrics', {}).get('recall@1')}")
+    assert diff <= tolerance + 1e-6
+    measured = parity.get("metrics", {}).get("recall@1")
+    if measured is not None:  # the same variant, measured by the exporter: the same answer up to a tie or two
+        assert abs(retriever_r1 - measured) * 100 <= 0.1
