@@ -870,41 +870,33 @@ class Catalog:
             D[bad], I[bad] = self._index.search(np.ascontiguousarray(q[bad]), k)
         return D, I
 
-    def search_internal(self, vectors: Any, k: int = 10, *, ef_search: int | None = None,
-                        nprobe: int | None = None) -> tuple[np.ndarray, list[list[Hit]]]:
-        """Validate, search under the read lock, translate ids. Returns (scores, hits)."""
+    def _search(self, vectors: Any, k: int, ef_search: int | None, nprobe: int | None,
+                with_meta: bool) -> tuple[np.ndarray, list, list | None]:
+        """Validate, search and translate ids under one read lock.
+
+        Returns (scores (nq, kk), user ids (nq*kk list, None where empty), metadata texts or None).
+        """
         k = _positive_int(k, "k")
         if ef_search is not None:
             _positive_int(ef_search, "ef_search")
         if nprobe is not None:
             _positive_int(nprobe, "nprobe")
         q = as_vectors(vectors, self.dim, what="query vectors")
-        nq = len(q)
-        scores = np.full((nq, k), -np.inf, dtype=np.float32)
-        hits: list[list[Hit]] = [[] for _ in range(nq)]
         with self._lock.read():
             live = len(self._uid)
-            if nq == 0 or live == 0:
-                return scores, hits
+            if len(q) == 0 or live == 0:
+                return np.zeros((len(q), 0), np.float32), [], [] if with_meta else None
             kk = min(k, live)
             params = self._params(ef_search, nprobe, kk)
             sel = self._deleted_sel  # noqa: F841  (keeps the selector alive during the call)
             D, I = self._search_index(q, kk, params)
-            uid, meta = self._uid, self._meta
-            for r in range(nq):
-                row = hits[r]
-                for score, i in zip(D[r].tolist(), I[r].tolist()):
-                    if i < 0:
-                        continue
-                    u = uid.get(i)
-                    if u is None:  # defensive: never return a removed entry
-                        continue
-                    text = meta.get(i)
-                    row.append(Hit(u, score, json.loads(text) if text is not None else None))
-        for r, row in enumerate(hits):
-            if row:
-                scores[r, : len(row)] = [h.score for h in row]
-        return scores, hits
+            flat = I.ravel().tolist()
+            uid_get = self._uid.get
+            uids = [uid_get(i) if i >= 0 else None for i in flat]  # a removed entry is never returned
+            metas = [self._meta.get(i) for i in flat] if with_meta else None
+        D = np.array(D, dtype=np.float32).reshape(len(q), kk)
+        D.ravel()[[j for j, u in enumerate(uids) if u is None]] = -np.inf
+        return D, uids, metas
 
     def search(self, vectors: Any, k: int = 10, threshold: float | None = None, *,
                ef_search: int | None = None, nprobe: int | None = None) -> list[list[Hit]]:
@@ -916,9 +908,18 @@ class Catalog:
         """
         if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
             raise CatalogError(f"threshold must be a finite number, got {threshold!r}")
-        _, hits = self.search_internal(vectors, k, ef_search=ef_search, nprobe=nprobe)
-        if threshold is not None:
-            hits = [[h for h in row if h.score >= threshold] for row in hits]
+        D, uids, metas = self._search(vectors, k, ef_search, nprobe, with_meta=True)
+        nq, kk = D.shape
+        lo = -np.inf if threshold is None else threshold
+        hits = []
+        for r in range(nq):
+            row = []
+            for c, score in enumerate(D[r].tolist()):
+                u = uids[r * kk + c]
+                if u is not None and score >= lo:
+                    text = metas[r * kk + c]
+                    row.append(Hit(u, score, json.loads(text) if text is not None else None))
+            hits.append(row)
         return hits
 
     def search_raw(self, vectors: Any, k: int = 10, *, ef_search: int | None = None,
@@ -928,14 +929,19 @@ class Catalog:
         Missing slots (k larger than the catalogue) hold score ``-inf`` and id ``-1`` for integer
         ids (an int64 array) or ``None`` for string ids (an object array).
         """
-        scores, hits = self.search_internal(vectors, k, ef_search=ef_search, nprobe=nprobe)
+        D, uids, _ = self._search(vectors, k, ef_search, nprobe, with_meta=False)
+        nq, kk = D.shape
+        k = int(k)
+        scores = np.full((nq, k), -np.inf, np.float32)
+        scores[:, :kk] = D
         if self._id_kind == "str":
-            ids = np.full(scores.shape, None, dtype=object)
+            ids = np.full((nq, k), None, dtype=object)
+            if kk:
+                ids[:, :kk] = np.array(uids, dtype=object).reshape(nq, kk)
         else:
-            ids = np.full(scores.shape, -1, dtype=np.int64)
-        for r, row in enumerate(hits):
-            for c, h in enumerate(row):
-                ids[r, c] = h.id
+            ids = np.full((nq, k), -1, dtype=np.int64)
+            if kk:
+                ids[:, :kk] = np.array([-1 if u is None else u for u in uids], dtype=np.int64).reshape(nq, kk)
         return scores, ids
 
     # ------------------------------------------------------------------------------- persistence
