@@ -245,6 +245,8 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
     seed_everything(rt.seed)
 
     # ---- data
+    if dc.root:
+        dc.root = os.path.abspath(os.path.expanduser(dc.root))  # the saved config must work from any folder
     classes = training_classes(dc)
     train_items = items_of(classes)
     cfg.model.num_classes = len(classes)
@@ -510,7 +512,7 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
                  "train_time_s": train_time, "eval_time_s": time.perf_counter() - t0,
                  "best_selection_recall@1": best_value, "selection_split": sel_split,
                  "use_mpn": cfg.model.use_mpn, "seed": rt.seed, "stopped": stop_reason or "completed",
-                 "env": env}
+                 "load_avg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, "env": env}
         with open(os.path.join(out_dir, "final_metrics.json"), "w") as f:
             json.dump(final, f, indent=2)
         title = f"Test classes ({dc.dataset}, model: {chosen}; {protocol})"
