@@ -515,6 +515,12 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
                  "load_avg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, "env": env}
         with open(os.path.join(out_dir, "final_metrics.json"), "w") as f:
             json.dump(final, f, indent=2)
+        try:
+            from trainer.plots import plot_metrics
+
+            plot_metrics(history, os.path.join(out_dir, "plots"), final=test_metrics)
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not draw plots: %s", e)
         title = f"Test classes ({dc.dataset}, model: {chosen}; {protocol})"
         log.info("\n%s", _fmt_table(test_metrics, title))
     D.barrier()

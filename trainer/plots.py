@@ -8,8 +8,12 @@ import os
 log = logging.getLogger(__name__)
 
 
-def plot_metrics(records: list[dict], out_dir: str) -> list[str]:
-    """Write ``loss.png`` and ``recall.png`` from per-epoch records; returns the paths written."""
+def plot_metrics(records: list[dict], out_dir: str, final: dict | None = None) -> list[str]:
+    """Write ``loss.png`` and ``recall.png`` from per-epoch records; returns the paths written.
+
+    ``recall.png`` shows the per-epoch validation (or test, paper protocol) Recall@K; ``final``
+    (the test report) adds the final test Recall@K as stars at the last epoch.
+    """
     if not records:
         return []
     import matplotlib
@@ -38,12 +42,16 @@ def plot_metrics(records: list[dict], out_dir: str) -> list[str]:
 
     keys = sorted({k for r in records for k in r if k.startswith(("val/recall@", "test/recall@"))},
                   key=lambda k: (k.split("/")[0], int(k.split("@")[1])))
-    if keys:
+    final_keys = [k for k in (final or {}) if k.startswith("recall@")]
+    if keys or final_keys:
         fig, ax = plt.subplots(figsize=(6, 4))
         for key in keys:
             pts = [(r["epoch"], 100 * r[key]) for r in records if r.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=key.replace("recall@", "R@"))
+        for i, key in enumerate(final_keys):
+            ax.plot([epochs[-1]], [100 * final[key]], marker="*", markersize=12, linestyle="none",
+                    color=f"C{(len(keys) + i) % 10}", label="final test " + key.replace("recall@", "R@"))
         ax.set_xlabel("epoch")
         ax.set_ylabel("Recall@K (%)")
         ax.grid(alpha=0.3)
