@@ -386,7 +386,12 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
                 with torch.autocast(device.type, dtype=adtype, enabled=adtype is not None):
                     losses = step_module(images, labels)
                 loss = losses["loss"]
-                if not torch.isfinite(loss).all():
+                finite = torch.isfinite(loss.detach()).all()
+                if dist_info.enabled:  # every rank stops together (no rank left waiting in a collective)
+                    flag = finite.to(torch.int32).reshape(1)
+                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+                    finite = bool(flag.item())
+                if not finite:
                     raise TrainingError(
                         f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped. The last good "
                         f"checkpoint ({last_path}, if any) is kept. Try a lower optim.lr, optim.grad_clip, or "
