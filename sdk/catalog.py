@@ -321,7 +321,7 @@ def estimate_bytes(kind: str, n: int, dim: int, spec: IndexSpec | None = None) -
     spec = spec or IndexSpec()
     per_entry_python = 200  # two dict slots, the ids themselves
     if kind == "flat":
-        per = 4 * dim + 8
+        per = 4 * dim + 8 + (dim if n >= INT8_MIN_ENTRIES else 0)  # + int8 codes of the exact scan
     elif kind == "hnsw":
         per = 4 * dim + 8 + int(spec.hnsw_m * 2 * 4 * 1.1) + 16  # level-0 links dominate
     elif kind == "ivfpq":
@@ -659,6 +659,9 @@ class Catalog:
                 sample = train[np.sort(pick)]
             t0 = time.perf_counter()
             ivf.cp.seed = spec.seed
+            # we checked the sample size ourselves; spare the user faiss's per-sub-quantizer warnings
+            ivf.cp.min_points_per_centroid = 1
+            ivf.pq.cp.min_points_per_centroid = 1
             ivf.train(sample)
             log.info("trained IVF%d,PQ%dx%d on %d vectors in %.1fs", nlist, m, spec.pq_nbits, size,
                      time.perf_counter() - t0)

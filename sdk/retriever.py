@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import os
+import threading
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -101,6 +102,7 @@ class Retriever:
         self._notes = list(notes)
         self._reason = reason
         self._pool: cf.ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         self.catalog = catalog if catalog is not None else Catalog(self.dim, index, model=self.model_record(),
                                                                    **index_options)
 
@@ -186,9 +188,10 @@ class Retriever:
         }
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
         self.runner.close()
 
     def __enter__(self) -> "Retriever":
@@ -207,9 +210,10 @@ class Retriever:
     def _executor(self) -> cf.ThreadPoolExecutor | None:
         if self.decode_workers <= 1:
             return None
-        if self._pool is None:
-            self._pool = cf.ThreadPoolExecutor(self.decode_workers, thread_name_prefix="ibc-decode")
-        return self._pool
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = cf.ThreadPoolExecutor(self.decode_workers, thread_name_prefix="ibc-decode")
+            return self._pool
 
     def _preprocess_one(self, item: Any) -> np.ndarray | ImageError:
         try:
