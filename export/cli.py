@@ -82,12 +82,19 @@ def _ints(ctx, param, value):
               help="ONNX Runtime int8 calibration method")
 @click.option("--ort-scheme", default="u8s8", type=click.Choice(["u8s8", "s8s8", "s8s8-symmetric"]),
               help="ONNX Runtime int8 activation/weight types")
-@click.option("--keep-float", default="", help="int8: comma list of ONNX node names/globs left in float; 'head' (the embedding head) "
-                   "applies to OpenVINO too")
+@click.option("--ort-keep-float", default="head",
+              help="ONNX Runtime int8: comma list of ONNX node names/globs left in float ('head' = embedding head; "
+                   "'' = none)")
+@click.option("--ov-keep-float", default="", help="OpenVINO int8: 'head' and/or regex patterns of nodes left in float")
 @click.option("--ov-accuracy-control/--no-ov-accuracy-control", default=True,
               help="OpenVINO int8: revert layers to float until the validation Recall@1 drop is within --ov-max-drop")
-@click.option("--ov-max-drop", default=0.25, type=float, help="OpenVINO int8 accuracy-control target, Recall@1 points")
+@click.option("--ov-max-drop", default=0.3, type=float, help="OpenVINO int8 accuracy-control target, Recall@1 points")
 @click.option("--ov-preset", default="performance", type=click.Choice(["performance", "mixed"]))
+@click.option("--ov-activation-range", default="minmax",
+              type=click.Choice(["minmax", "mean_minmax", "mean_quantile", "histogram"]),
+              help="OpenVINO int8: activation ranges from calibration (mean_minmax is NNCF's default)")
+@click.option("--ov-fast-bias-correction/--ov-full-bias-correction", default=False,
+              help="OpenVINO int8: NNCF's fast bias correction (its default) or the full, slower, more exact one")
 @click.option("--ov-int8-float", default="f32", type=click.Choice(["f32", "bf16"]),
               help="precision of the layers an OpenVINO int8 variant leaves in float")
 @click.option("--opset", default=18, type=click.IntRange(17))
@@ -96,8 +103,9 @@ def _ints(ctx, param, value):
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars, warnings only")
 @click.option("--verbose", "-v", is_flag=True, help="debug logging")
 def main(checkpoint, out, backends, precisions, calib_data, parity_data, val_data, data_root, tolerance, ks, allow_drop,
-         overwrite, calib_size, parity_limit, val_limit, batch_size, calib_method, ort_scheme, keep_float,
-         ov_accuracy_control, ov_max_drop, ov_preset, ov_int8_float, opset, trt_weak_typing, seed, quiet, verbose):
+         overwrite, calib_size, parity_limit, val_limit, batch_size, calib_method, ort_scheme, ort_keep_float,
+         ov_keep_float, ov_accuracy_control, ov_max_drop, ov_preset, ov_activation_range, ov_fast_bias_correction,
+         ov_int8_float, opset, trt_weak_typing, seed, quiet, verbose):
     """Export CHECKPOINT to a bundle of ONNX / OpenVINO / TensorRT variants, each gated on Recall@K."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -107,15 +115,19 @@ def main(checkpoint, out, backends, precisions, calib_data, parity_data, val_dat
     from export.openvino_export import OvInt8Options
     from export.ort_quantize import OrtInt8Options
 
-    keep = tuple(s.strip() for s in keep_float.split(",") if s.strip())
+    def names(spec: str) -> tuple[str, ...]:
+        return tuple(s.strip() for s in spec.split(",") if s.strip())
+
     try:
         result = export_bundle(
             checkpoint, out, backends=backends, precisions=precisions, calib_data=calib_data, parity_data=parity_data,
             val_data=val_data, data_root=data_root, tolerance=tolerance, ks=ks, allow_drop=allow_drop, overwrite=overwrite,
             calib_size=calib_size, parity_limit=parity_limit, val_limit=val_limit, batch_size=batch_size,
-            ort_int8=OrtInt8Options(scheme=ort_scheme, calibrate_method=calib_method, keep_float=keep),
+            ort_int8=OrtInt8Options(scheme=ort_scheme, calibrate_method=calib_method, keep_float=names(ort_keep_float)),
             ov_int8=OvInt8Options(accuracy_control=ov_accuracy_control, max_drop=ov_max_drop, preset=ov_preset,
-                                  keep_float=tuple(k for k in keep if k == "head"), float_precision=ov_int8_float),
+                                  keep_float=names(ov_keep_float), float_precision=ov_int8_float,
+                                  activation_range=ov_activation_range,
+                                  fast_bias_correction=ov_fast_bias_correction),
             opset=opset, trt_weak_typing=trt_weak_typing, seed=seed, progress=not quiet)
     except GateFailure as e:
         if e.result is not None:
