@@ -76,6 +76,18 @@ def _faiss():
     return faiss
 
 
+def faiss_search(index, q: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search`` that survives ``faiss.contrib.torch_utils``.
+
+    Importing that module (pytorch-metric-learning does) replaces every ``Index.search`` with a
+    torch-aware wrapper that drops the ``params`` argument; the original stays as
+    ``search_numpy``. Call the original when it exists, so per-query efSearch / nprobe and
+    ID selectors keep working in any process.
+    """
+    search = getattr(index, "search_numpy", None) or index.search
+    return search(q, k, params=params) if params is not None else search(q, k)
+
+
 # --------------------------------------------------------------------------------------- errors
 class CatalogError(ValueError):
     """Bad input to, or an unusable state of, a catalogue."""
@@ -865,12 +877,12 @@ class Catalog:
     def _search_index(self, q: np.ndarray, k: int, params) -> tuple[np.ndarray, np.ndarray]:
         scan = self._flat_scan()
         if scan is None:
-            return self._index.search(q, k, params=params)
+            return faiss_search(self._index, q, k, params)
         D, P, ok = scan.search(q, k, self._flat_vectors())
         I = np.where(P >= 0, scan.ids[np.maximum(P, 0)], -1)
         if not ok.all():  # not certified: faiss's fp32 scan answers these queries
             bad = np.flatnonzero(~ok)
-            D[bad], I[bad] = self._index.search(np.ascontiguousarray(q[bad]), k)
+            D[bad], I[bad] = faiss_search(self._index, np.ascontiguousarray(q[bad]), k)
         return D, I
 
     def _search(self, vectors: Any, k: int, ef_search: int | None, nprobe: int | None,
