@@ -347,7 +347,7 @@ def export_bundle(
         raise ExportError(f"{out} exists and is not a bundle directory; refusing to replace it")
     plan, skipped = resolve_plan(backends, precisions)
     for name, why in skipped:
-        log.warning("skipping %s: %s", name, why)
+        log.info("skipping %s: %s", name, why)
     try:
         tolerances = parse_tolerance(tolerance)
     except ValueError as e:

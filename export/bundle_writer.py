@@ -112,12 +112,12 @@ def build_manifest(bundle_dir: str, *, source, variants: list[BuiltVariant], pas
         **json_safe(provenance_extra),
     }
     prep = source.preprocess
+    shape = [-1, 3, prep.crop, prep.crop] if prep.layout == "NCHW" else [-1, prep.crop, prep.crop, 3]
     return Manifest(
         embedding_dim=source.embedding_dim,
         preprocess=prep,
         variants=entries,
-        input=InputSpec(name=INPUT_NAME, dtype="float32", layout=prep.layout,
-                        shape=[-1, 3, prep.crop, prep.crop] if prep.layout == "NCHW" else [-1, prep.crop, prep.crop, 3]),
+        input=InputSpec(name=INPUT_NAME, dtype="float32", layout=prep.layout, shape=shape),
         output_name=OUTPUT_NAME,
         normalized=True,
         parity=json_safe(parity_info),

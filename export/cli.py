@@ -42,7 +42,10 @@ def format_table(result) -> str:
     for name, why in result.skipped:
         rows.append([name, "-"] + ["-"] * len(ks) + ["-", "-", "-", "-", "-", "skipped"])
     widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
-    fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def fmt(r):
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     lines = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
     return "\n".join(lines)
 
@@ -98,7 +101,8 @@ def _ints(ctx, param, value):
 @click.option("--ov-int8-float", default="f32", type=click.Choice(["f32", "bf16"]),
               help="precision of the layers an OpenVINO int8 variant leaves in float")
 @click.option("--opset", default=18, type=click.IntRange(17))
-@click.option("--trt-weak-typing", is_flag=True, help="TensorRT 10 only: BuilderFlag FP16/INT8 instead of strong typing")
+@click.option("--trt-weak-typing", is_flag=True,
+              help="TensorRT 10 only: BuilderFlag FP16/INT8 instead of strong typing")
 @click.option("--seed", default=0, type=int)
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars, warnings only")
 @click.option("--verbose", "-v", is_flag=True, help="debug logging")
@@ -121,7 +125,8 @@ def main(checkpoint, out, backends, precisions, calib_data, parity_data, val_dat
     try:
         result = export_bundle(
             checkpoint, out, backends=backends, precisions=precisions, calib_data=calib_data, parity_data=parity_data,
-            val_data=val_data, data_root=data_root, tolerance=tolerance, ks=ks, allow_drop=allow_drop, overwrite=overwrite,
+            val_data=val_data, data_root=data_root, tolerance=tolerance, ks=ks, allow_drop=allow_drop,
+            overwrite=overwrite,
             calib_size=calib_size, parity_limit=parity_limit, val_limit=val_limit, batch_size=batch_size,
             ort_int8=OrtInt8Options(scheme=ort_scheme, calibrate_method=calib_method, keep_float=names(ort_keep_float)),
             ov_int8=OvInt8Options(accuracy_control=ov_accuracy_control, max_drop=ov_max_drop, preset=ov_preset,

@@ -52,7 +52,8 @@ class ImageSet:
             return self
         keep = np.sort(np.random.default_rng(seed).permutation(len(self.paths))[:limit])
         labels = None if self.labels is None else self.labels[keep]
-        return ImageSet(self.role, [self.paths[i] for i in keep], labels, f"{self.origin}, {limit} sampled (seed {seed})")
+        origin = f"{self.origin}, {limit} sampled (seed {seed})"
+        return ImageSet(self.role, [self.paths[i] for i in keep], labels, origin)
 
     def describe(self) -> dict:
         d = {"origin": self.origin, "images": len(self)}
@@ -63,7 +64,8 @@ class ImageSet:
     def require_labels(self, min_classes: int = 2) -> None:
         """Retrieval metrics need labels, at least two classes, and some class with two images."""
         if self.labels is None:
-            raise DataSetError(f"{self.role} set {self.origin}: needs class labels (put images in DIR/<class>/ folders)")
+            raise DataSetError(f"{self.role} set {self.origin}: needs class labels "
+                               "(put images in DIR/<class>/ folders)")
         uniq, counts = np.unique(self.labels, return_counts=True)
         if len(uniq) < min_classes or counts.max() < 2:
             raise DataSetError(f"{self.role} set {self.origin}: {len(self)} images in {len(uniq)} classes; "

@@ -15,7 +15,7 @@ import fnmatch
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
@@ -54,7 +54,8 @@ class OrtInt8Options:
         if self.scheme not in SCHEMES:
             raise ExportError(f"unknown ONNX Runtime int8 scheme {self.scheme!r}; choose from {sorted(SCHEMES)}")
         if self.calibrate_method not in CALIBRATION_METHODS:
-            raise ExportError(f"unknown calibration method {self.calibrate_method!r}; choose from {CALIBRATION_METHODS}")
+            raise ExportError(f"unknown calibration method {self.calibrate_method!r}; "
+                              f"choose from {CALIBRATION_METHODS}")
         self.keep_float = tuple(self.keep_float)
 
     def to_dict(self) -> dict:

@@ -112,7 +112,8 @@ def load_source(path: str, preprocess: PreprocessConfig | None = None, data_root
     except RuntimeError as e:
         raise CheckpointError(f"{path}: the model cannot embed {prep.crop}x{prep.crop} images: {e}") from None
     if tuple(out.shape) != (2, model.config.embed_dim):
-        raise CheckpointError(f"{path}: embedder gives shape {tuple(out.shape)}, expected (2, {model.config.embed_dim})")
+        raise CheckpointError(f"{path}: embedder gives shape {tuple(out.shape)}, "
+                              f"expected (2, {model.config.embed_dim})")
     info = {k: ckpt[k] for k in ("epoch", "step", "metrics", "versions") if k in ckpt}
     log.info("checkpoint %s: %s %d-d, input %dx%d", path, model.config.backbone, model.config.embed_dim,
              prep.crop, prep.crop)

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 CROP, RESIZE, DIM = 48, 56, 32
-FLOWERS = Path(os.environ.get("IBC_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "flowers102" / "images"
+SHARED = Path(os.environ.get("IBC_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+FLOWERS = SHARED / "flowers102" / "images"
 TRAIN_CLASSES = ["001", "002", "003", "004", "005", "006"]
 TEST_CLASSES = ["052", "060", "070", "077", "081", "089", "095", "102"]
 VAL_CLASSES = ["010", "020", "030", "040"]
@@ -101,3 +102,26 @@ def reference_embeddings(ckpt: Path, files: list[Path]) -> np.ndarray:
     src = load_source(str(ckpt))
     with torch.no_grad():
         return src.embedder(torch.from_numpy(preprocess_batch(files, src.preprocess))).numpy()
+
+
+def exported_onnx(tmp_path_factory) -> dict:
+    """The workspace checkpoint exported to fp32 ONNX once per session, with preprocessed image sets
+    and the PyTorch reference embeddings of the parity images."""
+    if "onnx" not in _CACHE:
+        import torch
+
+        from export.images import PreprocessedImages, folder_set
+        from export.onnx_export import export_onnx
+        from export.source import load_source
+
+        ws = export_workspace(tmp_path_factory)
+        work = tmp_path_factory.mktemp("onnx")
+        src = load_source(str(ws["ckpt"]))
+        path = export_onnx(src.embedder, str(work / "model.fp32.onnx"), src.image_size, src.embedding_dim)
+        calib = PreprocessedImages(folder_set(ws["calib"], "calibration", labelled=False), src.preprocess, str(work),
+                                   progress=False)
+        parity = PreprocessedImages(folder_set(ws["parity"], "parity"), src.preprocess, str(work), progress=False)
+        with torch.no_grad():
+            ref = src.embedder(torch.from_numpy(parity.first(len(parity)))).numpy()
+        _CACHE["onnx"] = {"work": work, "fp32": path, "calib": calib, "parity": parity, "ref": ref, "src": src}
+    return _CACHE["onnx"]

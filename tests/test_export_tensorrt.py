@@ -8,12 +8,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from export.images import PreprocessedImages, folder_set
-from export.onnx_export import export_onnx
 from export.runners import OnnxRuntimeRunner
-from export.source import load_source
 from export.tensorrt_export import fp16_onnx, qdq_onnx, tensorrt_status
-from export_helpers import export_workspace
+from export_helpers import export_workspace, exported_onnx
 
 HAS_TRT, WHY_NOT = tensorrt_status()
 needs_trt = pytest.mark.skipif(not HAS_TRT, reason=f"TensorRT engines need tensorrt + CUDA: {WHY_NOT}")
@@ -21,18 +18,7 @@ needs_trt = pytest.mark.skipif(not HAS_TRT, reason=f"TensorRT engines need tenso
 
 @pytest.fixture(scope="module")
 def onnx_model(tmp_path_factory):
-    ws = export_workspace(tmp_path_factory)
-    work = tmp_path_factory.mktemp("trt")
-    src = load_source(str(ws["ckpt"]))
-    path = export_onnx(src.embedder, str(work / "model.fp32.onnx"), src.image_size, src.embedding_dim)
-    calib = PreprocessedImages(folder_set(ws["calib"], "calibration", labelled=False), src.preprocess, str(work),
-                               progress=False)
-    parity = PreprocessedImages(folder_set(ws["parity"], "parity"), src.preprocess, str(work), progress=False)
-    import torch
-
-    with torch.no_grad():
-        ref = src.embedder(torch.from_numpy(parity.first(len(parity)))).numpy()
-    return {"work": work, "fp32": path, "calib": calib, "parity": parity, "ref": ref, "src": src}
+    return exported_onnx(tmp_path_factory)
 
 
 def test_qdq_onnx_is_symmetric_int8_and_runs_in_onnxruntime(onnx_model):
