@@ -42,7 +42,7 @@ def library_versions() -> dict[str, str]:
 
     return {
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # TorchVersion is not weights_only-loadable
         "torchvision": torchvision.__version__,
         "numpy": numpy.__version__,
     }
@@ -58,6 +58,9 @@ def save_checkpoint(path: str, payload: dict[str, Any]) -> str:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()

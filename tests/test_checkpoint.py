@@ -28,6 +28,7 @@ def test_round_trip_rebuilds_identical_model(tmp_path):
     _save(tmp_path / "c.pt", m, epoch=3)
     ckpt = load_checkpoint(tmp_path / "c.pt")
     assert ckpt["epoch"] == 3 and ckpt["format"] == "ibc-checkpoint"
+    assert (tmp_path / "c.pt").stat().st_mode & 0o044  # readable by others, like any saved file
     m2 = model_from_checkpoint(ckpt)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(m2.inference_embedder()(x), m.inference_embedder()(x))
@@ -84,3 +85,11 @@ def test_newer_format_and_other_architecture(tmp_path):
     del ckpt["model"]["head.fc.bias"]
     with pytest.raises(CheckpointError, match="missing 1"):
         model_from_checkpoint(ckpt)
+
+
+def test_library_versions_survive_weights_only_load(tmp_path):
+    from models.checkpoint import library_versions
+
+    m = _model()
+    _save(tmp_path / "v.pt", m, versions=library_versions())
+    assert load_checkpoint(tmp_path / "v.pt")["versions"]["torch"] == str(torch.__version__)
