@@ -30,15 +30,7 @@ def plot_metrics(records: list[dict], out_dir: str, final: dict | None = None) -
         pts = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = os.path.join(out_dir, "loss.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    written.append(path)
+    written.append(_finish(plt, fig, ax, "training loss", os.path.join(out_dir, "loss.png")))
 
     keys = sorted({k for r in records for k in r if k.startswith(("val/recall@", "test/recall@"))},
                   key=lambda k: (k.split("/")[0], int(k.split("@")[1])))
@@ -52,17 +44,20 @@ def plot_metrics(records: list[dict], out_dir: str, final: dict | None = None) -
         for i, key in enumerate(final_keys):
             ax.plot([epochs[-1]], [100 * final[key]], marker="*", markersize=12, linestyle="none",
                     color=f"C{(len(keys) + i) % 10}", label="final test " + key.replace("recall@", "R@"))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("Recall@K (%)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = os.path.join(out_dir, "recall.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    del epochs
+        written.append(_finish(plt, fig, ax, "Recall@K (%)", os.path.join(out_dir, "recall.png")))
     return written
+
+
+def _finish(plt, fig, ax, ylabel: str, path: str) -> str:
+    """Label, lay out, save and close one epoch-axis figure."""
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 __all__ = ["plot_metrics"]
