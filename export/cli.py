@@ -113,7 +113,7 @@ def main(checkpoint, out, backends, precisions, calib_data, parity_data, val_dat
     """Export CHECKPOINT to a bundle of ONNX / OpenVINO / TensorRT variants, each gated on Recall@K."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("nncf", "openvino", "onnxruntime", "torch", "onnxscript"):
+    for noisy in ("nncf", "openvino", "onnxruntime", "torch", "onnxscript", "onnx_ir", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
     from export.api import export_bundle
     from export.openvino_export import OvInt8Options
