@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -257,11 +258,14 @@ def main(argv=None) -> int:
         raise SystemExit("bench_embed: the export / preparation step failed (see above)")
     plan = json.loads(plan_file.read_text())
     rows: list[dict] = []
-    for name, spec, nbytes, note in plan["specs"]:
-        spec.update(batches=batches, min_time=args.min_time, size=plan["size"])
-        row = {"name": name, "bytes": int(nbytes), "note": note, **time_in_subprocess(spec)}
-        log.info("%-48s %s", name, "  ".join(f"b{b} {row[f'b{b}']:7.1f} img/s" for b in batches))
-        rows.append(row)
+    try:
+        for name, spec, nbytes, note in plan["specs"]:
+            spec.update(batches=batches, min_time=args.min_time, size=plan["size"])
+            row = {"name": name, "bytes": int(nbytes), "note": note, **time_in_subprocess(spec)}
+            log.info("%-48s %s", name, "  ".join(f"b{b} {row[f'b{b}']:7.1f} img/s" for b in batches))
+            rows.append(row)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
     # the baseline is the faster torch eager fp32 row (2 threads or 1) at each batch size: on a busy machine
     # 2 OpenMP threads can be 10x slower than 1, and a ratio against that would flatter every variant

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -126,6 +127,7 @@ def main(argv=None) -> int:
                     OpenVinoRunner(q, {"INFERENCE_PRECISION_HINT": hint}),
                     {"fake_quantize": summary["fake_quantize_nodes"], "ac_log": summary["accuracy_control_log"][-1:]})
 
+    shutil.rmtree(work, ignore_errors=True)
     result = {"checkpoint": args.checkpoint, "reference_r1_test": ref_m, "reference_r1_val": ref_v,
               "parity_images": len(parity), "val_images": len(val), "val_origin": val_set.origin,
               "calibration_images": len(calib), "rows": rows, "loadavg": os.getloadavg()}
