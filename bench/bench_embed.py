@@ -75,12 +75,12 @@ def _runner(spec: dict):
 
         return run
     if kind == "ort":
-        from export.runners import OnnxRuntimeRunner
+        from export.runners import onnxruntime_runner
 
-        return OnnxRuntimeRunner(spec["path"])
-    from export.runners import OpenVinoRunner
+        return onnxruntime_runner(spec["path"])
+    from export.runners import openvino_runner
 
-    return OpenVinoRunner(spec["path"], spec.get("hints") or {})
+    return openvino_runner(spec["path"], spec.get("hints") or {})
 
 
 def time_row(spec: dict) -> dict:

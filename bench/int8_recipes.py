@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     from export.onnx_export import export_onnx
     from export.ort_quantize import OrtInt8Options, quantize_int8
     from export.parity import retrieval_metrics
-    from export.runners import OnnxRuntimeRunner, OpenVinoRunner, TorchRunner, embed
+    from export.runners import TorchRunner, embed, onnxruntime_runner, openvino_runner
     from export.source import load_source
 
     src = load_source(args.checkpoint)
@@ -86,8 +86,8 @@ def main(argv=None) -> int:
         log.info("%-52s test drop %+.2f  val drop %+.2f  cos %.4f  %.0f img/s", name, row["test_drop"], row["val_drop"],
                  row["cosine_mean"], row["b32"])
 
-    measure("openvino fp32 (f32)", OpenVinoRunner(ovx.convert(fp32), {"INFERENCE_PRECISION_HINT": "f32"}), {})
-    measure("openvino fp32 IR in bf16", OpenVinoRunner(ovx.convert(fp32), {"INFERENCE_PRECISION_HINT": "bf16"}), {})
+    measure("openvino fp32 (f32)", openvino_runner(ovx.convert(fp32), {"INFERENCE_PRECISION_HINT": "f32"}), {})
+    measure("openvino fp32 IR in bf16", openvino_runner(ovx.convert(fp32), {"INFERENCE_PRECISION_HINT": "bf16"}), {})
 
     ort_recipes = [("minmax", ()), ("minmax", ("head",)), ("entropy", ()), ("percentile", ())]
     if args.quick:
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         out = os.path.join(work, f"ort-{method}-{len(keep)}.onnx")
         opts = OrtInt8Options(calibrate_method=method, keep_float=keep)
         quantize_int8(fp32, out, calib, opts, workdir=work)
-        measure(f"onnxruntime u8s8 {method}{' head-float' if keep else ''}", OnnxRuntimeRunner(out), {})
+        measure(f"onnxruntime u8s8 {method}{' head-float' if keep else ''}", onnxruntime_runner(out), {})
 
     ov_recipes = [
         dict(preset="performance", fast_bias_correction=True, keep_float=()),  # NNCF's defaults
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         q, summary = ovx.quantize_int8(ovx.convert(fp32), calib, None, opts)
         label = "openvino " + " ".join(f"{k}={v}" for k, v in r.items())
         for hint in ("f32", "bf16"):
-            measure(f"{label} rest-{hint}", OpenVinoRunner(q, {"INFERENCE_PRECISION_HINT": hint}),
+            measure(f"{label} rest-{hint}", openvino_runner(q, {"INFERENCE_PRECISION_HINT": hint}),
                     {"fake_quantize": summary["fake_quantize_nodes"]})
 
     for max_drop in (() if args.no_ac else (0.3,)):
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
         q, summary = ovx.quantize_int8(ovx.convert(fp32), calib, val, opts)
         for hint in ("f32", "bf16"):
             measure(f"openvino performance fastBC + accuracy control {max_drop} rest-{hint}",
-                    OpenVinoRunner(q, {"INFERENCE_PRECISION_HINT": hint}),
+                    openvino_runner(q, {"INFERENCE_PRECISION_HINT": hint}),
                     {"fake_quantize": summary["fake_quantize_nodes"], "ac_log": summary["accuracy_control_log"][-1:]})
 
     shutil.rmtree(work, ignore_errors=True)

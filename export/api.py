@@ -33,7 +33,7 @@ from export.onnx_export import DEFAULT_OPSET, check_numerics, export_onnx
 from export.ort_quantize import OrtInt8Options
 from export.openvino_export import OvInt8Options
 from export.parity import compare, parse_tolerance, retrieval_metrics
-from export.runners import OnnxRuntimeRunner, OpenVinoRunner, TorchRunner, embed
+from export.runners import TorchRunner, embed, onnxruntime_runner, openvino_runner
 from export.source import ExportSource, load_source
 from sdk.bundle import Manifest, atomic_directory, load_manifest, write_manifest
 
@@ -225,9 +225,9 @@ class _Builder:
     def runner(self, v: BuiltVariant):
         main = os.path.join(self.dir, *v.files[0].split("/"))
         if v.backend == "onnxruntime":
-            return OnnxRuntimeRunner(main)
+            return onnxruntime_runner(main)
         if v.backend == "openvino":
-            return OpenVinoRunner(main, v.runtime_hints)
+            return openvino_runner(main, v.runtime_hints, precision=v.precision)
         from export.tensorrt_export import TensorRTRunner
 
         return TensorRTRunner(main)

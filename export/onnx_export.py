@@ -122,9 +122,9 @@ def compare_embeddings(got: np.ndarray, want: np.ndarray) -> dict:
 def check_numerics(onnx_path: str, reference: np.ndarray, images: np.ndarray, max_abs_diff: float = 1e-3,
                    min_cosine: float = 0.9999) -> dict:
     """Run ``onnx_path`` in ONNX Runtime on real ``images``; fail if it strays from the PyTorch ``reference``."""
-    from export.runners import OnnxRuntimeRunner
+    from export.runners import onnxruntime_runner
 
-    got = OnnxRuntimeRunner(onnx_path)(images)
+    got = onnxruntime_runner(onnx_path)(images)
     stats = compare_embeddings(got, reference)
     stats["images"] = int(len(images))
     if not np.isfinite(got).all() or stats["max_abs_diff"] > max_abs_diff or stats["cosine_min"] < min_cosine:

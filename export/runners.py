@@ -1,59 +1,38 @@
-"""Minimal inference runners used to measure each variant: images (N, 3, H, W) -> embeddings (N, D).
+"""How the exporter runs a variant to measure it: the SDK's own runners, plus the PyTorch reference.
 
-Why our own and not the SDK's: the exporter must measure a variant exactly as built, with the
-runtime hints it writes into the manifest, before the bundle exists. The OpenVINO runner
-applies ``runtime_hints`` the same way the SDK does: as the ``config`` of
-``core.compile_model(model, device, config)``.
+Why the SDK's runners: the parity gate must measure a variant exactly as devices will run it,
+with the ``runtime_hints`` written into the manifest, so there is one implementation of "run
+this model" (``sdk.backends``) and the exporter only names its input and output. OpenVINO
+variants can be measured before they are saved (an in-memory ``ov.Model`` from NNCF).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Callable
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from export.onnx_export import INPUT_NAME
+from export.onnx_export import INPUT_NAME, OUTPUT_NAME
+from sdk.backends import OnnxRuntimeRunner, OpenVINORunner, Runner
 
 log = logging.getLogger(__name__)
 
 
-class OnnxRuntimeRunner:
-    """ONNX Runtime on the CPU (or the given providers)."""
-
-    def __init__(self, path: str, providers: list[str] | None = None, threads: int | None = None):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(os.fspath(path), opts, providers=providers or ["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
+def onnxruntime_runner(path: str, threads: int | None = None, hints: dict | None = None) -> Runner:
+    """ONNX Runtime on the CPU for an exported ``.onnx`` file."""
+    return OnnxRuntimeRunner(path, input_name=INPUT_NAME, output_name=OUTPUT_NAME, hints=hints, threads=threads)
 
 
-class OpenVinoRunner:
-    """OpenVINO compiled with ``runtime_hints`` (e.g. ``{"INFERENCE_PRECISION_HINT": "f32"}``)."""
+def openvino_runner(model: Any, hints: dict[str, Any] | None = None, precision: str = "fp32",
+                    threads: int | None = None) -> Runner:
+    """OpenVINO on the CPU for an IR/ONNX file or an in-memory ``ov.Model``, compiled with ``hints``.
 
-    def __init__(self, model: Any, hints: dict[str, Any] | None = None, device: str = "CPU"):
-        import openvino as ov
-
-        core = ov.Core()
-        if isinstance(model, (str, os.PathLike)):
-            model = core.read_model(os.fspath(model))
-        self.compiled = core.compile_model(model, device, dict(hints or {}))
-        self.request = self.compiled.create_infer_request()
-        self.output = self.compiled.output(0)
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        result = self.request.infer({0: np.ascontiguousarray(batch, np.float32)})
-        return np.array(result[self.output], dtype=np.float32, copy=True)
+    An fp32 variant without a precision hint runs in f32 (as the SDK runs it), not bf16.
+    """
+    return OpenVINORunner(model, input_name=INPUT_NAME, output_name=OUTPUT_NAME, precision=precision,
+                          hints=hints, threads=threads)
 
 
 class TorchRunner:
@@ -81,4 +60,4 @@ def embed(runner: Callable[[np.ndarray], np.ndarray], images, batch_size: int = 
     return np.concatenate(out)
 
 
-__all__ = ["OnnxRuntimeRunner", "OpenVinoRunner", "TorchRunner", "embed", "INPUT_NAME"]
+__all__ = ["onnxruntime_runner", "openvino_runner", "TorchRunner", "embed", "INPUT_NAME", "OUTPUT_NAME"]

@@ -156,11 +156,16 @@ class Runner:
     """Runs the embedding network on one preprocessed batch. Thread-safe ``run``."""
 
     backend = ""
+    accepts_model_objects = False  # OpenVINO also runs an in-memory ``ov.Model`` (the exporter's case)
 
     def __init__(self, model_path: str, *, input_name: str, output_name: str, precision: str = "fp32",
                  hints: dict | None = None, threads: int | None = None):
-        if not os.path.isfile(model_path):
-            raise BackendError(f"{model_path}: model file missing")
+        if isinstance(model_path, (str, os.PathLike)):
+            model_path = os.fspath(model_path)
+            if not os.path.isfile(model_path):
+                raise BackendError(f"{model_path}: model file missing")
+        elif not self.accepts_model_objects:
+            raise BackendError(f"{self.backend} needs a model file path, got {type(model_path).__name__}")
         self.model_path = model_path
         self.input_name = input_name
         self.output_name = output_name
@@ -171,8 +176,18 @@ class Runner:
     def run(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.run(batch)
+
+    @property
+    def source(self) -> str:
+        """The model file, or a description of an in-memory model (for messages)."""
+        if isinstance(self.model_path, str):
+            return self.model_path
+        return f"<in-memory {type(self.model_path).__name__}>"
+
     def describe(self) -> dict:
-        return {"backend": self.backend, "file": os.path.basename(self.model_path), "precision": self.precision,
+        return {"backend": self.backend, "file": os.path.basename(self.source), "precision": self.precision,
                 "threads": self.threads, "hints": self.hints}
 
     def close(self) -> None:
@@ -182,9 +197,9 @@ class Runner:
         if wanted in names:
             return wanted
         if len(names) == 1:
-            log.warning("%s: %s %r not found, using the only one, %r", self.model_path, what, wanted, names[0])
+            log.warning("%s: %s %r not found, using the only one, %r", self.source, what, wanted, names[0])
             return names[0]
-        raise BackendError(f"{self.model_path}: no {what} named {wanted!r}; it has {names}")
+        raise BackendError(f"{self.source}: no {what} named {wanted!r}; it has {names}")
 
 
 class OnnxRuntimeRunner(Runner):
@@ -207,9 +222,9 @@ class OnnxRuntimeRunner(Runner):
         available = ort.get_available_providers()
         providers = [p for p in self.hints.get("providers", ["CPUExecutionProvider"]) if p in available]
         try:
-            self.session = ort.InferenceSession(model_path, so, providers=providers or ["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(self.model_path, so, providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
-            raise BackendError(f"onnxruntime cannot load {model_path}: {e}") from None
+            raise BackendError(f"onnxruntime cannot load {self.model_path}: {e}") from None
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_name = self._pick(list(inputs), self.input_name, "input")
         self.output_name = self._pick([o.name for o in self.session.get_outputs()], self.output_name, "output")
@@ -237,6 +252,7 @@ class OpenVINORunner(Runner):
     """
 
     backend = "openvino"
+    accepts_model_objects = True
 
     def __init__(self, model_path: str, **kw: Any):
         super().__init__(model_path, **kw)
@@ -251,10 +267,10 @@ class OpenVINORunner(Runner):
         config = {k: (str(v) if not isinstance(v, (int, bool)) else v) for k, v in config.items()}
         try:
             core = ov.Core()
-            model = core.read_model(model_path)
+            model = core.read_model(self.model_path) if isinstance(self.model_path, str) else self.model_path
             self.compiled = core.compile_model(model, device, config)
         except Exception as e:
-            raise BackendError(f"openvino cannot load {model_path} on {device} with {config}: {e}") from None
+            raise BackendError(f"openvino cannot load {self.source} on {device} with {config}: {e}") from None
         self.config = config
         self.device = device
         ins = {name: p for p in self.compiled.inputs for name in p.get_names()}
@@ -304,15 +320,15 @@ class TensorRTRunner(Runner):
         self.cudart = _cudart()
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.max_batch = int(self.hints.get("max_batch", 64))
-        if model_path.endswith(".onnx"):
-            engine_bytes = self._build_from_onnx(model_path)
+        if self.model_path.endswith(".onnx"):
+            engine_bytes = self._build_from_onnx(self.model_path)
         else:
-            with open(model_path, "rb") as f:
+            with open(self.model_path, "rb") as f:
                 engine_bytes = f.read()
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(engine_bytes)
         if self.engine is None:
-            raise BackendError(f"tensorrt cannot deserialise {model_path} (built for another GPU or TensorRT version?)")
+            raise BackendError(f"tensorrt cannot deserialise {self.model_path} (built for another GPU or TensorRT version?)")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         ins = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]

@@ -10,7 +10,7 @@ import pytest
 from export.errors import ExportError, NumericCheckError
 from export.onnx_export import check_numerics, check_onnx
 from export.ort_quantize import OrtInt8Options, quantize_int8, resolve_nodes
-from export.runners import OnnxRuntimeRunner
+from export.runners import onnxruntime_runner
 from export_helpers import DIM, exported_onnx
 
 
@@ -22,7 +22,7 @@ def m(tmp_path_factory):
 def test_onnx_contract_and_dynamic_batch(m):
     model = check_onnx(m["fp32"], DIM, 48)
     assert model.graph.input[0].name == "images"
-    run = OnnxRuntimeRunner(m["fp32"])
+    run = onnxruntime_runner(m["fp32"])
     for n in (1, 5):
         out = run(m["parity"].first(n))
         assert out.shape == (n, DIM)
@@ -59,7 +59,7 @@ def test_ort_int8_excludes_named_nodes(m, tmp_path):
     q = onnx.load(out)
     conv = next(n for n in q.graph.node if n.name == first_conv)
     assert conv.input[0] == "images"  # no QuantizeLinear/DequantizeLinear in front of it
-    assert OnnxRuntimeRunner(out)(m["parity"].first(4)).shape == (4, DIM)
+    assert onnxruntime_runner(out)(m["parity"].first(4)).shape == (4, DIM)
 
 
 def test_openvino_int8_never_quantizes_the_normalisation(m):
@@ -74,8 +74,8 @@ def test_openvino_int8_never_quantizes_the_normalisation(m):
     fq_consumers = {t.get_node().get_friendly_name() for op in q.get_ops() if op.get_type_name() == "FakeQuantize"
                     for t in op.output(0).get_target_inputs()}
     assert not fq_consumers & set(tail)
-    from export.runners import OpenVinoRunner
+    from export.runners import openvino_runner
 
-    emb = OpenVinoRunner(q, ovx.runtime_hints("int8"))(m["parity"].first(16))
+    emb = openvino_runner(q, ovx.runtime_hints("int8"))(m["parity"].first(16))
     assert np.abs(np.linalg.norm(emb, axis=1) - 1).max() < 1e-4
     assert (emb * m["ref"][:16]).sum(1).mean() > 0.95

@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from export.runners import OnnxRuntimeRunner
+from export.runners import onnxruntime_runner
 from export.tensorrt_export import fp16_onnx, qdq_onnx, tensorrt_status
 from export_helpers import export_workspace, exported_onnx
 
@@ -32,7 +32,7 @@ def test_qdq_onnx_is_symmetric_int8_and_runs_in_onnxruntime(onnx_model):
                    if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2]
     # TensorRT's explicit quantization: int8 with zero points 0 everywhere, biases left float (no int32 DQ)
     assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
-    emb = OnnxRuntimeRunner(out)(onnx_model["parity"].first(len(onnx_model["parity"])))
+    emb = onnxruntime_runner(out)(onnx_model["parity"].first(len(onnx_model["parity"])))
     cos = (emb * onnx_model["ref"]).sum(1)
     assert cos.mean() > 0.97, cos.mean()
 
@@ -43,7 +43,7 @@ def test_fp16_onnx_keeps_float_io_and_runs_in_onnxruntime(onnx_model):
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
-    emb = OnnxRuntimeRunner(out)(onnx_model["parity"].first(8))
+    emb = onnxruntime_runner(out)(onnx_model["parity"].first(8))
     assert (emb * onnx_model["ref"][:8]).sum(1).min() > 0.999
 
 
