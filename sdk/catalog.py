@@ -300,6 +300,10 @@ class IndexSpec:
     hnsw_m: int = 32
     ef_construction: int = 40
     ef_search: int = 64  # default per-query HNSW beam width
+    # HNSW graph over a learned projection to this many dims (None: the full vectors); the
+    # graph's refine_factor * k candidates are then re-scored exactly on the fp32 vectors
+    hnsw_dims: int | None = None
+    refine_factor: int = 2
     nlist: int | None = None  # IVF lists; None: ~4*sqrt(n) rounded to a power of two
     pq_m: int | None = None  # PQ sub-quantizers; None: dim / 8 (or what the memory budget allows)
     pq_nbits: int = 8
@@ -313,9 +317,9 @@ class IndexSpec:
     def __post_init__(self):
         if self.kind not in ("auto",) + INDEX_KINDS:
             raise CatalogError(f"index must be one of auto, {', '.join(INDEX_KINDS)}; got {self.kind!r}")
-        for name in ("hnsw_m", "ef_construction", "ef_search", "pq_nbits", "nprobe"):
+        for name in ("hnsw_m", "ef_construction", "ef_search", "pq_nbits", "nprobe", "refine_factor"):
             _positive_int(getattr(self, name), name)
-        for name in ("nlist", "pq_m", "train_size"):
+        for name in ("nlist", "pq_m", "train_size", "hnsw_dims"):
             if getattr(self, name) is not None:
                 _positive_int(getattr(self, name), name)
         if not 0 < self.compact_fraction <= 1:
@@ -336,6 +340,8 @@ def estimate_bytes(kind: str, n: int, dim: int, spec: IndexSpec | None = None) -
         per = 4 * dim + 8 + (dim if n >= INT8_MIN_ENTRIES else 0)  # + int8 codes of the exact scan
     elif kind == "hnsw":
         per = 4 * dim + 8 + int(spec.hnsw_m * 2 * 4 * 1.1) + 16  # level-0 links dominate
+        if spec.hnsw_dims and spec.hnsw_dims < dim:
+            per += 4 * spec.hnsw_dims  # the projected copy the graph walks on
     elif kind == "ivfpq":
         per = (spec.pq_m or max(dim // 8, 1)) * spec.pq_nbits // 8 + 8
     else:
@@ -384,6 +390,32 @@ def ivfpq_params(n: int, dim: int, spec: IndexSpec, budget: int | None = None) -
             while m > 1 and n * (m * spec.pq_nbits // 8 + 8) > budget:
                 m = _largest_divisor_at_most(dim, m // 2)
     return nlist, m
+
+
+# ----------------------------------------------------------------------------- projected HNSW
+PROJECTION_SAMPLE = 100_000
+
+
+def projection_matrix(vectors: np.ndarray, dims: int, seed: int = 0) -> np.ndarray:
+    """(dims, dim) orthonormal rows spanning the subspace that holds most of the vectors' energy.
+
+    Why uncentred (second-moment) PCA: an orthogonal projection P keeps inner products up to
+    what lies outside the subspace, q.x ~ Pq.Px, which is what an inner-product graph needs;
+    centring would add a per-vector offset to every score. Trained embeddings concentrate in
+    far fewer dimensions than they have, so a graph walked in ``dims`` dimensions finds the
+    same neighbourhoods for a fraction of the memory traffic, and the exact re-rank fixes the
+    order.
+    """
+    n = len(vectors)
+    if n < dims:
+        raise CatalogError(f"a projection to {dims} dims needs at least {dims} vectors to learn it from (got {n})")
+    sample = vectors
+    if n > PROJECTION_SAMPLE:
+        pick = np.sort(np.random.default_rng(seed).choice(n, PROJECTION_SAMPLE, replace=False))
+        sample = vectors[pick]
+    gram = sample.T.astype(np.float64) @ sample.astype(np.float64)
+    eigval, eigvec = np.linalg.eigh(gram)  # ascending
+    return np.ascontiguousarray(eigvec[:, ::-1][:, :dims].T, dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------- int8 exact scan
@@ -579,6 +611,8 @@ class Catalog:
     def __init__(self, dim: int, index: str = "auto", *, model: dict | None = None, **index_options: Any):
         self.dim = _positive_int(dim, "dim")
         self.spec = IndexSpec(kind=index, **index_options)
+        if self.spec.hnsw_dims is not None and self.spec.hnsw_dims > self.dim:
+            raise CatalogError(f"hnsw_dims={self.spec.hnsw_dims} is more than the vectors' dimension {self.dim}")
         self.model = dict(model) if model else None
         self._lock = RWLock()
         self._index = None  # built on first add (IVF-PQ trains on it)
@@ -599,6 +633,12 @@ class Catalog:
     def kind(self) -> str:
         """The index actually in use (``"auto"`` resolves to flat until the catalogue grows)."""
         return self._kind or ("flat" if self.spec.kind == "auto" else self.spec.kind)
+
+    @property
+    def _hnsw_dims(self) -> int | None:
+        """Dims of the HNSW graph's projection, or None when the graph walks the full vectors."""
+        dims = self.spec.hnsw_dims
+        return dims if self.kind == "hnsw" and dims and dims < self.dim else None
 
     def __len__(self) -> int:
         return len(self._uid)
@@ -646,10 +686,22 @@ class Catalog:
         if kind == "flat":
             return faiss.IndexIDMap2(faiss.IndexFlatIP(d))
         if kind == "hnsw":
-            h = faiss.IndexHNSWFlat(d, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            dims = spec.hnsw_dims if spec.hnsw_dims and spec.hnsw_dims < d else None
+            h = faiss.IndexHNSWFlat(dims or d, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             h.hnsw.efConstruction = spec.ef_construction
             h.hnsw.efSearch = spec.ef_search
-            return faiss.IndexIDMap2(h)
+            if not dims:
+                return faiss.IndexIDMap2(h)
+            if train is None:
+                raise CatalogError("a projected HNSW catalogue learns its projection on its first add")
+            t0 = time.perf_counter()
+            proj = faiss.LinearTransform(d, dims, False)
+            faiss.copy_array_to_vector(projection_matrix(train, dims, spec.seed).ravel(), proj.A)
+            proj.is_trained = True
+            log.info("learned a %d -> %d projection for the HNSW graph on %d vectors in %.1fs", d, dims,
+                     min(len(train), PROJECTION_SAMPLE), time.perf_counter() - t0)
+            # exact re-rank on the fp32 vectors kept beside the graph (IndexRefineFlat)
+            return faiss.IndexIDMap2(faiss.IndexRefineFlat(faiss.IndexPreTransform(proj, h)))
         if kind == "ivfpq":
             n = 0 if train is None else len(train)
             if n < max(256, 2 ** spec.pq_nbits):
@@ -688,7 +740,10 @@ class Catalog:
         if self.kind not in ("flat", "hnsw"):
             raise CatalogError("IVF-PQ keeps compressed codes only; its vectors cannot be recovered for a rebuild")
         inner = faiss.downcast_index(self._index.index)
-        storage = faiss.downcast_index(inner.storage) if self.kind == "hnsw" else inner
+        if isinstance(inner, faiss.IndexRefine):  # projected HNSW: the fp32 vectors are the refine store
+            storage = faiss.downcast_index(inner.refine_index)
+        else:
+            storage = faiss.downcast_index(inner.storage) if self.kind == "hnsw" else inner
         ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
         vecs = storage.reconstruct_n(0, storage.ntotal)
         if self._deleted:
@@ -730,7 +785,13 @@ class Catalog:
             return
         dead = np.fromiter(self._deleted, np.int64, len(self._deleted))
         batch = faiss.IDSelectorBatch(dead)
-        self._deleted_sel = (faiss.IDSelectorNot(batch), batch)  # keep the inner selector alive
+        live = faiss.IDSelectorNot(batch)
+        if self._hnsw_dims:
+            # the graph sits below IndexRefineFlat, which does not pass IndexIDMap2's translated
+            # selector down: translate graph positions -> internal ids ourselves
+            self._deleted_sel = (faiss.IDSelectorTranslated(self._index.id_map, live), live, batch)
+        else:
+            self._deleted_sel = (live, batch)  # keep the inner selector alive
 
     # ------------------------------------------------------------------------------------ writes
     def _check_new_ids(self, uids: list, n: int) -> list:
@@ -838,10 +899,16 @@ class Catalog:
         faiss = _faiss()
         if self.kind == "hnsw":
             p = faiss.SearchParametersHNSW()
-            p.efSearch = max(_positive_int(ef_search, "ef_search") if ef_search is not None else self.spec.ef_search, k)
+            width = k * self.spec.refine_factor if self._hnsw_dims else k
+            p.efSearch = max(_positive_int(ef_search, "ef_search") if ef_search is not None else self.spec.ef_search,
+                             width)
             if self._deleted_sel is not None:
                 p.sel = self._deleted_sel[0]
-            return p
+            if not self._hnsw_dims:
+                return p
+            rp = faiss.IndexRefineSearchParameters(k_factor=float(self.spec.refine_factor), base_index_params=p)
+            rp.base_params_ref = p  # SWIG keeps a pointer only: hold the Python object with it
+            return rp
         if self.kind == "ivfpq":
             p = faiss.SearchParametersIVF()
             p.nprobe = _positive_int(nprobe, "nprobe") if nprobe is not None else self.spec.nprobe
@@ -1065,7 +1132,6 @@ class Catalog:
                 raise CatalogFormatError(f"{directory}: entry list does not match {CATALOG_FILE}")
             if DELETED_FILE in files:
                 cat._deleted = set(np.load(os.path.join(directory, DELETED_FILE)).tolist())
-                cat._set_tombstone_selector()
             if INDEX_FILE in files:
                 cat._index = _faiss().read_index(os.path.join(directory, INDEX_FILE))
                 if cat._index.d != cat.dim or cat._index.ntotal != len(cat._uid) + len(cat._deleted):
@@ -1073,6 +1139,8 @@ class Catalog:
                                              f"{cat._index.d}, {CATALOG_FILE} says {len(cat._uid)} of dim {cat.dim}")
             elif cat._uid:
                 raise CatalogFormatError(f"{directory}: entries without an index file")
+            if cat._deleted:
+                cat._set_tombstone_selector()  # after the index: a projected graph's selector reads its id map
         except CatalogError:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError, OSError) as e:

@@ -96,10 +96,13 @@ def test_approximate_indexes_against_brute_force(data, kind, opts, min_recall):
     assert recall(narrow, true_i) <= recall(got, true_i) + 1e-9
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
-def test_remove_never_returns_removed_and_ids_survive(data, kind):
+PROJECTED = {"hnsw_dims": 16}  # HNSW graph over a 16-d projection, exact re-rank
+
+
+@pytest.mark.parametrize("kind,extra", [("flat", {}), ("hnsw", {}), ("hnsw", PROJECTED), ("ivfpq", {})])
+def test_remove_never_returns_removed_and_ids_survive(data, kind, extra):
     x, q = data
-    cat = Catalog(DIM, kind, nlist=16, pq_m=16, compact_fraction=0.5)
+    cat = Catalog(DIM, kind, nlist=16, pq_m=16, compact_fraction=0.5, **extra)
     cat.add(x)
     gone = list(range(0, len(x), 3))  # a third: below HNSW's compaction threshold
     assert cat.remove(gone) == len(gone)
@@ -224,16 +227,59 @@ def test_k_larger_than_catalogue_and_empty_catalogue():
     assert len(cat) == 0 and cat.search(q, k=1) == [[], []]
 
 
+def low_rank(n, dim=DIM, rank=6, seed=0, noise=0.05):
+    """Unit vectors near a ``rank``-dim subspace: the structure trained embeddings have."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(np.random.default_rng(99).standard_normal((dim, rank)))[0].T
+    x = rng.standard_normal((n, rank)) @ basis + noise * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_projected_hnsw_finds_neighbours_with_exact_scores():
+    import faiss
+
+    x, q = low_rank(3000, seed=1), low_rank(50, seed=2)
+    cat = Catalog(DIM, "hnsw", hnsw_m=16, hnsw_dims=8, compact_fraction=0.2)
+    cat.add(x[:2000])
+    cat.add(x[2000:])  # later adds go through the projection learned on the first
+    assert isinstance(faiss.downcast_index(cat._index.index), faiss.IndexRefine)
+    true_s, true_i = brute_force(x, q, 10)
+    scores, got = cat.search_raw(q, k=10, ef_search=64)
+    assert recall(got, true_i) >= 0.95
+    # the re-rank scores are the exact cosines of the hits, best first
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ x.T, got.astype(np.int64), 1), atol=1e-5)
+    assert (np.diff(scores, axis=1) <= 1e-7).all()
+    # tombstones are translated through the id map below the re-rank
+    cat.remove(list(range(0, 3000, 7)))
+    hits = cat.search_raw(q, k=10, ef_search=64)[1]
+    assert (hits >= 0).all() and not (hits.astype(np.int64) % 7 == 0).any()
+    cat.remove(list(range(1, 3000, 7)) + list(range(2, 3000, 7)))  # past compact_fraction: rebuilt
+    assert cat.info()["tombstones"] == 0
+    assert isinstance(faiss.downcast_index(cat._index.index), faiss.IndexRefine)
+    keep = np.array([i for i in range(3000) if i % 7 > 2])
+    _, true_i = brute_force(x[keep], q, 10)
+    assert recall(cat.search_raw(q, k=10, ef_search=64)[1], keep[true_i]) >= 0.95
+
+
+def test_projected_hnsw_bad_settings_are_named():
+    with pytest.raises(CatalogError, match="hnsw_dims=64 is more than the vectors' dimension 32"):
+        Catalog(DIM, "hnsw", hnsw_dims=64)
+    with pytest.raises(CatalogError, match="projection to 16 dims needs at least 16 vectors"):
+        Catalog(DIM, "hnsw", hnsw_dims=16).add(low_rank(10))
+    with pytest.raises(CatalogError, match="refine_factor"):
+        Catalog(DIM, "hnsw", hnsw_dims=16, refine_factor=0)
+
+
 def test_ivfpq_needs_training_data():
     with pytest.raises(CatalogError, match="needs at least 256 vectors"):
         Catalog(DIM, "ivfpq").add(clustered(100))
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
-def test_save_load_round_trip(tmp_path, data, kind):
+@pytest.mark.parametrize("kind,extra", [("flat", {}), ("hnsw", {}), ("hnsw", PROJECTED), ("ivfpq", {})])
+def test_save_load_round_trip(tmp_path, data, kind, extra):
     x, q = data
     model = {"manifest_digest": "abc", "embedding_dim": DIM, "preprocess": {"crop": 32}}
-    cat = Catalog(DIM, kind, model=model, nlist=16, pq_m=16, hnsw_m=16, compact_fraction=0.9)
+    cat = Catalog(DIM, kind, model=model, nlist=16, pq_m=16, hnsw_m=16, compact_fraction=0.9, **extra)
     ids = [f"id{i}" for i in range(len(x))]
     cat.add(x, ids=ids, metadata=[{"n": i} if i % 2 else None for i in range(len(x))])
     cat.remove(ids[:10])
