@@ -339,7 +339,7 @@ def main(argv=None) -> int:
     p.add_argument("--ef-search", type=int, nargs="+", default=[16, 24, 32, 48, 64, 128, 256])
     p.add_argument("--hnsw-dims", type=int, nargs="*", default=[128],
                    help="also HNSW over these projections with exact re-rank (none: skip)")
-    p.add_argument("--refine-factor", type=int, default=2, help="projected HNSW: re-rank refine_factor * k")
+    p.add_argument("--refine-factor", type=int, default=3, help="projected HNSW: re-rank refine_factor * k")
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (0: the catalogue's auto, ~4 sqrt(n))")
     p.add_argument("--real-nlist", type=int, default=0)
     p.add_argument("--pq-m", type=int, default=0, help="PQ sub-quantizers (0: auto, dim/8)")

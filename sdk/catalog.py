@@ -303,7 +303,7 @@ class IndexSpec:
     # HNSW graph over a learned projection to this many dims (None: the full vectors); the
     # graph's refine_factor * k candidates are then re-scored exactly on the fp32 vectors
     hnsw_dims: int | None = None
-    refine_factor: int = 2
+    refine_factor: int = 3
     nlist: int | None = None  # IVF lists; None: ~4*sqrt(n) rounded to a power of two
     pq_m: int | None = None  # PQ sub-quantizers; None: dim / 8 (or what the memory budget allows)
     pq_nbits: int = 8
