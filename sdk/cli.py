@@ -72,6 +72,8 @@ _threads = click.option("--threads", type=int, default=None, help="Runtime threa
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Catalogue directory to write.")
 @click.option("--index", "index_kind", default="auto", show_default=True,
               type=click.Choice(["auto", "flat", "hnsw", "ivfpq"]))
+@click.option("--hnsw-dims", type=click.IntRange(min=1), default=None,
+              help="HNSW: walk the graph on a learned projection to this many dims, re-rank exactly.")
 @_backend
 @_precision
 @_threads
@@ -80,7 +82,8 @@ _threads = click.option("--threads", type=int, default=None, help="Runtime threa
               help="skip: index the readable images and list the others; raise: stop, write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing catalogue at --out.")
 @_friendly
-def index_cmd(bundle, images_dir, out, index_kind, backend, precision, threads, batch_size, on_error, overwrite):
+def index_cmd(bundle, images_dir, out, index_kind, hnsw_dims, backend, precision, threads, batch_size, on_error,
+              overwrite):
     """Embed every image under IMAGES_DIR with BUNDLE and save a catalogue to --out."""
     from sdk.retriever import Retriever
 
@@ -95,7 +98,7 @@ def index_cmd(bundle, images_dir, out, index_kind, backend, precision, threads, 
             for f, i in zip(files, ids)]
     t0 = time.perf_counter()
     with Retriever.from_bundle(bundle, backend=backend, precision=precision, threads=threads,
-                               index=index_kind) as r:
+                               index=index_kind, hnsw_dims=hnsw_dims) as r:
         click.echo(f"model: {r.variant.name} ({r.info()['reason']}); {len(files)} images", err=True)
         report = r.add(files, ids=ids, metadata=meta, on_error=on_error, batch_size=batch_size,
                        progress=sys.stderr.isatty())

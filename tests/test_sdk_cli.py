@@ -74,6 +74,24 @@ def test_index_then_query(setup):
     assert res.exit_code == 0 and "onnxruntime-fp32" in res.output and "passed" in res.output
 
 
+def test_index_with_a_projected_hnsw(setup):
+    base, bundle, imgs = setup
+    runner = CliRunner()
+    out = base / "catalog-hnsw"
+    res = runner.invoke(main, ["index", str(bundle), str(imgs), "--out", str(out), "--index", "hnsw", "--hnsw-dims", "4"])
+    assert res.exit_code == 0, res.output
+    q = imgs / "tulips" / "img_007.jpg"
+    res = runner.invoke(main, ["query", str(out), str(q), "-k", "1", "--json"])
+    assert json.loads(res.output)[0]["hits"][0]["id"] == "tulips/img_007.jpg"
+    res = runner.invoke(main, ["index", str(bundle), str(imgs), "--out", str(base / "c2"), "--index", "hnsw",
+                               "--hnsw-dims", "14"])  # more dims than 12 images can teach a projection
+    assert res.exit_code == 1 and "needs at least 14 vectors" in res.output and "Traceback" not in res.output
+    assert not (base / "c2").exists()
+    res = runner.invoke(main, ["index", str(bundle), str(imgs), "--out", str(base / "c3"), "--index", "hnsw",
+                               "--hnsw-dims", "64"])
+    assert res.exit_code == 1 and "more than the vectors' dimension 16" in res.output and "Traceback" not in res.output
+
+
 def test_grid_helper_draws_labels_and_missing_images(tmp_path):
     from sdk.catalog import Hit
     from sdk.viz import save_grid
