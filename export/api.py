@@ -180,11 +180,7 @@ def _sets(source: ExportSource, plan, *, calib_data, parity_data, val_data, cali
             val = parity
             val_note = "accuracy control tuned on the parity set (no separate validation split)"
         if calib is not None and val is not parity:  # validation images must not be calibration images
-            used = set(calib.paths)
-            keep = [i for i, p in enumerate(val.paths) if p not in used]
-            if len(keep) < len(val.paths):
-                val = ImageSet(val.role, [val.paths[i] for i in keep], val.labels[keep],
-                               f"{val.origin}, minus the {len(val.paths) - len(keep)} calibration images")
+            val = val.without(calib.paths, "calibration images")
         val.require_labels()
         val = val.subset(val_limit, seed + 1)
     return parity, calib, val, val_note

@@ -51,8 +51,18 @@ class ImageSet:
         if not limit or limit >= len(self.paths):
             return self
         keep = np.sort(np.random.default_rng(seed).permutation(len(self.paths))[:limit])
+        return self._take(keep, f"{self.origin}, {limit} sampled (seed {seed})")
+
+    def without(self, paths, what: str) -> "ImageSet":
+        """This set minus any of ``paths`` (``what`` they are goes into the origin)."""
+        drop = set(paths)
+        keep = np.array([i for i, p in enumerate(self.paths) if p not in drop], dtype=np.int64)
+        if len(keep) == len(self.paths):
+            return self
+        return self._take(keep, f"{self.origin}, minus the {len(self.paths) - len(keep)} {what}")
+
+    def _take(self, keep: np.ndarray, origin: str) -> "ImageSet":
         labels = None if self.labels is None else self.labels[keep]
-        origin = f"{self.origin}, {limit} sampled (seed {seed})"
         return ImageSet(self.role, [self.paths[i] for i in keep], labels, origin)
 
     def describe(self) -> dict:

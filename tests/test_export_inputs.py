@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from export.api import export_bundle, resolve_plan
 from export.cli import main
 from export.errors import BackendUnavailable, DataSetError, ExportError
-from export.images import PreprocessedImages, folder_set
+from export.images import ImageSet, PreprocessedImages, folder_set
 from export.parity import DEFAULT_TOLERANCES, parse_tolerance
 from export.source import load_source
 from export.tensorrt_export import tensorrt_status
@@ -206,3 +206,15 @@ def test_tolerance_parsing():
 def test_bad_tolerance_on_cli(tmp_path, ws):
     res = _run([ws["ckpt"], "--out", tmp_path / "b", "--tolerance", "int8=lots", "--parity-data", ws["parity"]])
     assert res.exit_code == 1 and "not a number" in res.output
+
+
+def test_image_set_without_drops_listed_paths_and_says_so():
+    import numpy as np
+
+    s = ImageSet("validation", ["a", "b", "c", "d"], np.array([0, 0, 1, 1]), "val split")
+    out = s.without(["b", "d", "zz"], "calibration images")
+    assert out.paths == ["a", "c"] and out.labels.tolist() == [0, 1]
+    assert out.origin == "val split, minus the 2 calibration images"
+    assert s.without(["zz"], "calibration images") is s  # nothing to drop: the same set
+    unlabelled = ImageSet("validation", ["a", "b"], None, "folder")
+    assert unlabelled.without(["a"], "calibration images").labels is None  # the clear 'needs labels' error comes later
