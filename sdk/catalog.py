@@ -326,6 +326,10 @@ class IndexSpec:
             raise CatalogError(f"compact_fraction must be in (0, 1], got {self.compact_fraction}")
         parse_memory(self.max_memory)  # validate early
 
+    def projected_dims(self, dim: int) -> int | None:
+        """Dims of an HNSW graph's projection for ``dim``-d vectors, or None (the graph walks them whole)."""
+        return self.hnsw_dims if self.hnsw_dims and self.hnsw_dims < dim else None
+
     @classmethod
     def from_dict(cls, d: dict) -> "IndexSpec":
         known = {f.name for f in fields(cls)}
@@ -340,8 +344,7 @@ def estimate_bytes(kind: str, n: int, dim: int, spec: IndexSpec | None = None) -
         per = 4 * dim + 8 + (dim if n >= INT8_MIN_ENTRIES else 0)  # + int8 codes of the exact scan
     elif kind == "hnsw":
         per = 4 * dim + 8 + int(spec.hnsw_m * 2 * 4 * 1.1) + 16  # level-0 links dominate
-        if spec.hnsw_dims and spec.hnsw_dims < dim:
-            per += 4 * spec.hnsw_dims  # the projected copy the graph walks on
+        per += 4 * (spec.projected_dims(dim) or 0)  # the projected copy the graph walks on
     elif kind == "ivfpq":
         per = (spec.pq_m or max(dim // 8, 1)) * spec.pq_nbits // 8 + 8
     else:
@@ -414,7 +417,7 @@ def projection_matrix(vectors: np.ndarray, dims: int, seed: int = 0) -> np.ndarr
         pick = np.sort(np.random.default_rng(seed).choice(n, PROJECTION_SAMPLE, replace=False))
         sample = vectors[pick]
     gram = sample.T.astype(np.float64) @ sample.astype(np.float64)
-    eigval, eigvec = np.linalg.eigh(gram)  # ascending
+    _, eigvec = np.linalg.eigh(gram)  # eigenvalues ascending
     return np.ascontiguousarray(eigvec[:, ::-1][:, :dims].T, dtype=np.float32)
 
 
@@ -637,8 +640,7 @@ class Catalog:
     @property
     def _hnsw_dims(self) -> int | None:
         """Dims of the HNSW graph's projection, or None when the graph walks the full vectors."""
-        dims = self.spec.hnsw_dims
-        return dims if self.kind == "hnsw" and dims and dims < self.dim else None
+        return self.spec.projected_dims(self.dim) if self.kind == "hnsw" else None
 
     def __len__(self) -> int:
         return len(self._uid)
@@ -686,7 +688,7 @@ class Catalog:
         if kind == "flat":
             return faiss.IndexIDMap2(faiss.IndexFlatIP(d))
         if kind == "hnsw":
-            dims = spec.hnsw_dims if spec.hnsw_dims and spec.hnsw_dims < d else None
+            dims = spec.projected_dims(d)
             h = faiss.IndexHNSWFlat(dims or d, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             h.hnsw.efConstruction = spec.ef_construction
             h.hnsw.efSearch = spec.ef_search
@@ -742,8 +744,10 @@ class Catalog:
         inner = faiss.downcast_index(self._index.index)
         if isinstance(inner, faiss.IndexRefine):  # projected HNSW: the fp32 vectors are the refine store
             storage = faiss.downcast_index(inner.refine_index)
+        elif self.kind == "hnsw":
+            storage = faiss.downcast_index(inner.storage)
         else:
-            storage = faiss.downcast_index(inner.storage) if self.kind == "hnsw" else inner
+            storage = inner
         ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
         vecs = storage.reconstruct_n(0, storage.ntotal)
         if self._deleted:
