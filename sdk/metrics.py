@@ -5,7 +5,8 @@ disagree with the model it came from. Semantics follow pytorch-metric-learning's
 ``AccuracyCalculator`` where it defines a metric (precision@1, R-precision, MAP@R, NMI,
 lone-query exclusion, self-match removal by index); Recall@K is the papers' hit rate.
 
-Torch-free on purpose: numpy + faiss only; sklearn is imported lazily for NMI.
+Torch-free on purpose: numpy + faiss only; sklearn is imported lazily for NMI, whose
+k-means is ``sdk.kmeans`` (faiss.Kmeans's result, fewer searches).
 Neighbours come from an exact faiss inner-product search over L2-normalised vectors,
 run in query chunks so memory stays O(N·k) -- SOP-sized sets (60k × 60k) never build a
 dense similarity matrix.
@@ -18,6 +19,8 @@ from typing import Iterable, Mapping, Sequence
 
 import faiss
 import numpy as np
+
+from .kmeans import kmeans
 
 log = logging.getLogger(__name__)
 
@@ -251,26 +254,14 @@ def average_precision_at_r(matches: np.ndarray, r: np.ndarray) -> np.ndarray:
 def cluster_assignments(
     embeddings: np.ndarray, n_clusters: int, seed: int = 0, niter: int = KMEANS_NITER
 ) -> np.ndarray:
-    """Seeded faiss k-means; returns each row's cluster id (int64).
+    """Seeded k-means (faiss.Kmeans's algorithm and result); each row's cluster id (int64).
 
     Separate from ``nmi_score`` so tests can hand the same assignment to PML. All points
     are used (no faiss sub-sampling) so the result does not depend on N/k ratios.
+    ``sdk.kmeans`` gives faiss.Kmeans's assignment point for point but searches only the
+    points whose nearest centroid can still change (~3x faster at SOP size).
     """
-    x = np.ascontiguousarray(embeddings, dtype=np.float32)
-    if not 1 <= n_clusters <= x.shape[0]:
-        raise ValueError(f"cannot make {n_clusters} clusters from {x.shape[0]} points")
-    km = faiss.Kmeans(
-        x.shape[1],
-        int(n_clusters),
-        seed=int(seed),
-        niter=int(niter),
-        min_points_per_centroid=1,
-        max_points_per_centroid=max(256, -(-x.shape[0] // int(n_clusters))),
-        verbose=False,
-    )
-    km.train(x)
-    _, assign = km.index.search(x, 1)
-    return assign[:, 0].astype(np.int64)
+    return kmeans(embeddings, int(n_clusters), niter=int(niter), seed=int(seed)).assignments
 
 
 def nmi_score(labels: np.ndarray, clusters: np.ndarray) -> float:
