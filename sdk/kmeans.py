@@ -192,6 +192,8 @@ def kmeans(x, k: int, *, niter: int = 20, seed: int = 1234, full_search_fraction
         raise ValueError(f"cannot make {k} clusters from {n} points")
     if niter < 0:
         raise ValueError(f"niter must be >= 0, got {niter}")
+    if not 0.0 <= full_search_fraction <= 1.0:
+        raise ValueError(f"full_search_fraction must be in [0, 1], got {full_search_fraction}")
     assigner = _Assigner(x)
     if k == n:  # faiss's corner case: the points are the centroids, no iteration
         centroids = x.copy()

@@ -112,3 +112,12 @@ def test_one_point_per_cluster_is_the_identity_corner_case():
 def test_bad_arguments_say_what_is_wrong(x, k, niter, match):
     with pytest.raises(ValueError, match=match):
         kmeans(x, k, niter=niter)
+
+
+def test_full_search_fraction_is_checked_and_does_not_change_the_result():
+    x = clustered(9)
+    with pytest.raises(ValueError, match="full_search_fraction"):
+        kmeans(x, 150, full_search_fraction=1.5)
+    always_full = kmeans(x, 150, seed=3, full_search_fraction=0.0)
+    assert set(always_full.searched_rows) <= {0, len(x)}
+    np.testing.assert_array_equal(always_full.assignments, kmeans(x, 150, seed=3).assignments)
