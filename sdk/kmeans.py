@@ -148,14 +148,15 @@ class _Assigner:
 
     def search(self, centroids: np.ndarray, rows: np.ndarray | None = None) -> int:
         """faiss's exact top-2 search for ``rows`` (all when None); returns how many."""
+        rows = np.arange(self.x.shape[0]) if rows is None else rows
+        if rows.size == 0:  # every point decided by its bounds: no index to refill
+            return 0
         self.index.reset()
         self.index.add(centroids)
-        rows = np.arange(self.x.shape[0]) if rows is None else rows
-        if rows.size:
-            dist, idx = self.index.search(self.x[rows], 2)
-            tie = dist[:, 0] == dist[:, 1]  # duplicate centroids: the lower index, always
-            idx[tie, 0] = np.minimum(idx[tie, 0], idx[tie, 1])
-            self.assign[rows], self.upper[rows], self.lower[rows] = idx[:, 0], dist[:, 0], dist[:, 1]
+        dist, idx = self.index.search(self.x[rows], 2)
+        tie = dist[:, 0] == dist[:, 1]  # duplicate centroids: the lower index, always
+        idx[tie, 0] = np.minimum(idx[tie, 0], idx[tie, 1])
+        self.assign[rows], self.upper[rows], self.lower[rows] = idx[:, 0], dist[:, 0], dist[:, 1]
         return int(rows.size)
 
     def update(self, centroids: np.ndarray, moved: np.ndarray) -> int:

@@ -258,8 +258,9 @@ def cluster_assignments(
 
     Separate from ``nmi_score`` so tests can hand the same assignment to PML. All points
     are used (no faiss sub-sampling) so the result does not depend on N/k ratios.
-    ``sdk.kmeans`` gives faiss.Kmeans's assignment point for point but searches only the
-    points whose nearest centroid can still change (~3x faster at SOP size).
+    ``sdk.kmeans`` gives faiss.Kmeans's assignment (points within float32 rounding of two
+    centroids aside, see there) but searches only the points whose nearest centroid can
+    still change (~3x faster at SOP size).
     """
     return kmeans(embeddings, int(n_clusters), niter=int(niter), seed=int(seed)).assignments
 
