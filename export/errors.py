@@ -6,8 +6,10 @@ while bugs (anything else) keep their traceback.
 
 from __future__ import annotations
 
+from sdk.errors import IbcError
 
-class ExportError(RuntimeError):
+
+class ExportError(IbcError, RuntimeError):
     """The export cannot go on; the message says what and where."""
 
 

@@ -12,6 +12,8 @@ random init when weights were asked for would ruin an experiment without anyone 
 
 from __future__ import annotations
 
+from sdk.errors import IbcError
+
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -24,7 +26,7 @@ from models._torchvision import tv_models
 POOLINGS = ("max", "avg", "maxavg")
 
 
-class PretrainedWeightsNotFound(FileNotFoundError):
+class PretrainedWeightsNotFound(IbcError, FileNotFoundError):
     """Pretrained weights were asked for but no local file holds them."""
 
 

@@ -16,6 +16,8 @@ Writes are atomic: a temp file in the same directory, fsync, then ``os.replace``
 
 from __future__ import annotations
 
+from sdk.errors import IbcError
+
 import hashlib
 import os
 import platform
@@ -31,7 +33,7 @@ FORMAT = "ibc-checkpoint"
 VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(IbcError, ValueError):
     """A checkpoint is missing, unreadable, of another format/version, or of another model."""
 
 

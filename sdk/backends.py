@@ -15,6 +15,8 @@ usual order for that runtime (int8 first; fp16 only where it is fast: on GPUs).
 
 from __future__ import annotations
 
+from sdk.errors import IbcError
+
 import importlib.util
 import logging
 import os
@@ -38,7 +40,7 @@ PRECISION_SPEED = {
 THROUGHPUT_KEYS = ("images_per_s", "throughput", "throughput_ips")
 
 
-class BackendError(RuntimeError):
+class BackendError(IbcError, RuntimeError):
     """A runtime is missing, cannot load a model file, or fails to run it."""
 
 

@@ -11,6 +11,8 @@ directory and renamed into place, so a crash leaves the old bundle or the new on
 
 from __future__ import annotations
 
+from sdk.errors import IbcError
+
 import contextlib
 import hashlib
 import json
@@ -29,7 +31,7 @@ BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
-class BundleError(ValueError):
+class BundleError(IbcError, ValueError):
     """A bundle is missing, malformed, tampered with or of an unknown schema."""
 
 

@@ -37,6 +37,8 @@ Design decisions:
 
 from __future__ import annotations
 
+from sdk.errors import IbcError
+
 import base64
 import contextlib
 import importlib.util
@@ -89,7 +91,7 @@ def faiss_search(index, q: np.ndarray, k: int, params=None) -> tuple[np.ndarray,
 
 
 # --------------------------------------------------------------------------------------- errors
-class CatalogError(ValueError):
+class CatalogError(IbcError, ValueError):
     """Bad input to, or an unusable state of, a catalogue."""
 
 

@@ -13,6 +13,8 @@ raises one exception type, :class:`ImageError`, naming the file.
 
 from __future__ import annotations
 
+from sdk.errors import IbcError
+
 import io
 import os
 import warnings
@@ -35,7 +37,7 @@ DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default bomb threshold
 ImageSource = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
 
 
-class ImageError(ValueError):
+class ImageError(IbcError, ValueError):
     """An image could not be read or converted; ``source`` names it."""
 
     def __init__(self, source: Any, reason: str):

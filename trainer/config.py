@@ -9,6 +9,8 @@ holds ``preprocess`` (the evaluation :class:`sdk.preprocess.PreprocessConfig`) a
 
 from __future__ import annotations
 
+from sdk.errors import IbcError
+
 import dataclasses
 import types
 import typing
@@ -23,7 +25,7 @@ from sdk.preprocess import PreprocessConfig
 DATASETS = ("cub", "cars", "sop", "inshop", "folder", "omniglot")
 
 
-class ConfigError(ValueError):
+class ConfigError(IbcError, ValueError):
     """A config file or override is malformed (unknown key, wrong type, bad value)."""
 
 

@@ -20,6 +20,8 @@ paper's protocol) there is no validation split. Labels of every split are contig
 
 from __future__ import annotations
 
+from sdk.errors import IbcError
+
 import logging
 import os
 from dataclasses import asdict, is_dataclass
@@ -35,7 +37,7 @@ SPLITS = ("train", "val", "test", "query", "gallery")
 Items = list[tuple[str, int]]
 
 
-class DataError(ValueError):
+class DataError(IbcError, ValueError):
     """The dataset folder or its index files are missing or malformed (the message names the file)."""
 
 

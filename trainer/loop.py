@@ -8,6 +8,8 @@ steps), ``best.pt`` (best on the selection split), ``metrics.jsonl`` (one record
 
 from __future__ import annotations
 
+from sdk.errors import IbcError
+
 import contextlib
 import json
 import logging
@@ -39,7 +41,7 @@ from trainer.transforms import BadImageError, TrainDataset, collate, train_trans
 log = logging.getLogger("trainer")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(IbcError, RuntimeError):
     """The run stopped on purpose (NaN loss, unreadable image with on_bad_image=stop); the message says why."""
 
 

@@ -11,6 +11,8 @@ data-loader workers produce the same pixels.
 
 from __future__ import annotations
 
+from sdk.errors import IbcError
+
 import logging
 
 import numpy as np
@@ -26,7 +28,7 @@ _INTERP = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationM
            "nearest": T.InterpolationMode.NEAREST}
 
 
-class BadImageError(RuntimeError):
+class BadImageError(IbcError, RuntimeError):
     """An unreadable training image with ``on_bad_image='stop'`` (the message names it)."""
 
 
