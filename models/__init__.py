@@ -5,10 +5,12 @@ from models.backbones import (
     Backbone,
     EmbeddingHead,
     GlobalPool,
+    PretrainedWeightsError,
     PretrainedWeightsNotFound,
     create_backbone,
     get_backbone_spec,
     list_backbones,
+    pretrained_preprocess,
     register_backbone,
 )
 from models.ibc import IBCModel, InferenceEmbedder, ModelConfig, MPNConfig
@@ -22,7 +24,8 @@ from models.mpn import (
 )
 
 __all__ = [
-    "POOLINGS", "Backbone", "EmbeddingHead", "GlobalPool", "PretrainedWeightsNotFound", "create_backbone",
+    "POOLINGS", "Backbone", "EmbeddingHead", "GlobalPool", "PretrainedWeightsNotFound", "PretrainedWeightsError", "create_backbone",
+    "pretrained_preprocess",
     "get_backbone_spec", "list_backbones", "register_backbone", "IBCModel", "InferenceEmbedder", "ModelConfig",
     "MPNConfig", "BatchAttention", "BNNeckClassifier", "MessagePassingLayer", "MessagePassingNetwork",
     "multi_head_attention_weights", "softmax_with_zero_logit",
