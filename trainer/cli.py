@@ -6,6 +6,7 @@ Examples::
     ibc-train --config configs/flowers102-cpu.yaml --out runs/x --set optim.lr=2e-3 --set model.use_mpn=false
     ibc-train --out runs/x --resume                       # continue a killed run (config from runs/x)
     ibc-train --eval-only runs/x/best.pt --data-root ../shared/data/flowers102
+    ibc-train --pretrained-baseline --config configs/flowers102-lite0-cpu.yaml   # the untrained starting point
     torchrun --nproc_per_node 2 -m trainer.cli --config ... --out runs/ddp --set runtime.mpn_global_batch=true
 """
 
@@ -36,17 +37,20 @@ def _setup_logging(verbose: bool) -> None:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--eval-only", "eval_ckpt", type=click.Path(dir_okay=False), default=None,
               help="Only evaluate this checkpoint on the test classes.")
+@click.option("--pretrained-baseline", "baseline", is_flag=True,
+              help="Only evaluate the config's pretrained backbone without training (pooled trunk features, no "
+                   "head): the starting point a trained model must beat. Saved to OUT/baseline_metrics.json.")
 @click.option("--seed", type=int, default=None, help="Shortcut for --set runtime.seed=N.")
 @click.option("--threads", type=int, default=None, help="Shortcut for --set runtime.threads=N.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def main(config_path, data_root, out_dir, overrides, resume, eval_ckpt, seed, threads, verbose):
+def main(config_path, data_root, out_dir, overrides, resume, eval_ckpt, baseline, seed, threads, verbose):
     """Train Intra-Batch Connections (backbone + MPN) end to end, or evaluate a checkpoint."""
     _setup_logging(verbose)
     log = logging.getLogger("trainer")
     from models.checkpoint import CheckpointError
     from trainer.config import ConfigError, deep_merge, load_config, parse_override
     from trainer.data import DataError
-    from trainer.loop import TrainingError, evaluate_checkpoint, train
+    from trainer.loop import TrainingError, evaluate_baseline, evaluate_checkpoint, train
 
     overrides = list(overrides)
     if seed is not None:
@@ -63,6 +67,11 @@ def main(config_path, data_root, out_dir, overrides, resume, eval_ckpt, seed, th
 
                 torch.set_num_threads(threads)
             evaluate_checkpoint(eval_ckpt, data_root=data_root, overrides=extra, out_dir=out_dir)
+            return
+        if baseline:
+            if data_root:
+                overrides.append(f"data.root={data_root}")
+            evaluate_baseline(load_config(config_path, overrides), out_dir=out_dir)
             return
         if not out_dir:
             raise click.UsageError("--out is required for training")

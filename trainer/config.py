@@ -12,6 +12,7 @@ from __future__ import annotations
 from sdk.errors import IbcError
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from models.ibc import ModelConfig, MPNConfig
 from sdk.preprocess import PreprocessConfig
 
 DATASETS = ("cub", "cars", "sop", "inshop", "folder", "omniglot")
+log = logging.getLogger(__name__)
 
 
 class ConfigError(IbcError, ValueError):
@@ -90,6 +92,16 @@ class OptimConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """How a pretrained backbone is fine-tuned beside the new head, MPN and classifiers."""
+
+    backbone_lr_mult: float = 1.0  # backbone lr = optim.lr * this; head / MPN / classifiers train at optim.lr
+    freeze_backbone_epochs: float = 0.0  # warm-up: the backbone is frozen (weights and BatchNorm) this long
+    bn_mode: str = "train"  # backbone BatchNorm: "train" (batch statistics, running stats updated) | "frozen"
+    head_init: str = "default"  # embedding head: "default" (PyTorch's Linear init) | "orthogonal" (zero bias)
+
+
+@dataclass
 class RuntimeConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -105,6 +117,7 @@ class RuntimeConfig:
     progress: bool = True  # tqdm bars
     mpn_global_batch: bool = False  # DDP: the MPN sees the whole global batch (all-gather with gradients)
     nmi: bool = True  # compute NMI in the final test report
+    baseline: bool = True  # pretrained backbones: also report the untrained starting point on the test classes
 
 
 @dataclass
@@ -116,6 +129,7 @@ class Config:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     name: str = ""
 
@@ -124,7 +138,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        cfg = from_plain(cls, d, "")
+        cfg = from_plain(cls, with_weight_preprocessing(d), "")
         validate(cfg)
         return cfg
 
@@ -230,6 +244,50 @@ def from_plain(cls: type, d: dict, where: str) -> Any:
         raise ConfigError(f"{where or 'config'}: {e}") from None
 
 
+WEIGHT_PREPROCESS_KEYS = ("resize", "crop", "interpolation", "mean", "std")
+
+
+def weight_preprocessing(d: dict) -> dict | None:
+    """The preprocessing the configured backbone's pretrained weights expect (None: no weights asked for)."""
+    model = d.get("model") if isinstance(d.get("model"), dict) else {}
+    if not model.get("pretrained"):
+        return None
+    from models.backbones import get_backbone_spec
+
+    try:
+        return dict(get_backbone_spec(model.get("backbone", ModelConfig.backbone)).preprocess)
+    except ValueError as e:
+        raise ConfigError(f"model.backbone: {e}") from None
+
+
+def with_weight_preprocessing(d: dict) -> dict:
+    """Fill ``preprocess`` keys the config does not set from the pretrained weights' own settings.
+
+    Why: mean / std, input size and interpolation belong to the weights (an EfficientNet-Lite
+    checkpoint expects mean = std = 0.5, bicubic); the config overrides them only where it says so.
+    """
+    weights = weight_preprocessing(d)
+    if weights is None:
+        return d
+    pp = d.get("preprocess") if isinstance(d.get("preprocess"), dict) else {}
+    return {**d, "preprocess": {**{k: weights[k] for k in WEIGHT_PREPROCESS_KEYS}, **pp}}
+
+
+def _warn_preprocessing_overrides(d: dict) -> None:
+    weights = weight_preprocessing(d)
+    pp = d.get("preprocess") if isinstance(d.get("preprocess"), dict) else {}
+    if weights is None:
+        return
+    for k in ("mean", "std", "interpolation"):
+        if k in pp and _plain(pp[k]) != _plain(weights[k]):
+            log.warning("preprocess.%s=%s overrides what the pretrained %s weights expect (%s); the config wins",
+                        k, pp[k], d["model"].get("backbone", ModelConfig.backbone), weights[k])
+
+
+def _plain(v: Any) -> Any:
+    return [float(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
 def deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -283,6 +341,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         d = deep_merge(d, parse_override(o))
     for k, v in top.items():
         d = deep_merge(d, {k: v})
+    _warn_preprocessing_overrides(d)
     return Config.from_dict(d)
 
 
@@ -313,6 +372,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("loss.temperature must be > 0")
     if not 0 <= cfg.loss.label_smoothing < 1:
         raise ConfigError("loss.label_smoothing must be in [0, 1)")
+    ft = cfg.finetune
+    if ft.backbone_lr_mult < 0 or ft.freeze_backbone_epochs < 0:
+        raise ConfigError("finetune.backbone_lr_mult and finetune.freeze_backbone_epochs must be >= 0")
+    if ft.bn_mode not in ("train", "frozen"):
+        raise ConfigError(f"finetune.bn_mode must be 'train' or 'frozen', got {ft.bn_mode!r}")
+    if ft.head_init not in ("default", "orthogonal"):
+        raise ConfigError(f"finetune.head_init must be 'default' or 'orthogonal', got {ft.head_init!r}")
     if cfg.model.embed_dim % cfg.model.mpn.num_heads:
         raise ConfigError(f"model.embed_dim {cfg.model.embed_dim} must be divisible by model.mpn.num_heads "
                           f"{cfg.model.mpn.num_heads}")
@@ -325,7 +391,8 @@ def dump_yaml(cfg: Config | dict, path: str) -> None:
 
 
 __all__ = [
-    "Config", "DataConfig", "AugmentConfig", "SamplerConfig", "LossConfig", "OptimConfig", "RuntimeConfig",
+    "Config", "DataConfig", "AugmentConfig", "SamplerConfig", "LossConfig", "OptimConfig", "FinetuneConfig",
+    "RuntimeConfig", "weight_preprocessing",
     "ModelConfig", "MPNConfig", "PreprocessConfig", "ConfigError", "load_config", "parse_override", "dump_yaml",
     "to_plain", "DATASETS",
 ]

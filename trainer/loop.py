@@ -73,9 +73,15 @@ class TrainStep(nn.Module):
         self.dist = dist_info
         self.global_mpn = global_mpn and dist_info.enabled
         self.last_mpn_batch = 0
+        self.backbone_frozen = False  # set by the loop during the fine-tuning warm-up
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        f = self.model.embed(images)
+        if self.backbone_frozen:  # no graph through the trunk: the warm-up costs a forward pass only
+            with torch.no_grad():
+                feats = self.model.backbone(images)
+            f = self.model.head(feats)
+        else:
+            f = self.model.embed(images)
         logits = self.model.classifier(f)
         mpn_logits = None
         if self.model.mpn is not None:
@@ -130,6 +136,35 @@ def lr_factor(optim, epoch: int, batch: int, n_batches: int) -> float:
         frac = 0.0 if t < w else (t - w) / max(1e-9, optim.epochs - w)
         factor *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
     return factor
+
+
+def parameter_groups(model: IBCModel, backbone_lr_mult: float) -> list[dict]:
+    """Two optimiser groups: the backbone at ``lr * backbone_lr_mult``, everything new at ``lr``."""
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    ids = {id(p) for p in backbone}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    return [{"params": backbone, "lr_mult": backbone_lr_mult, "name": "backbone"},
+            {"params": rest, "lr_mult": 1.0, "name": "head"}]
+
+
+def backbone_frozen_at(ft, epoch: int, batch: int, n_batches: int) -> bool:
+    """Whether the fine-tuning warm-up (backbone frozen) still runs at this batch."""
+    return epoch + batch / max(1, n_batches) < ft.freeze_backbone_epochs
+
+
+def set_backbone_mode(backbone: nn.Module, *, frozen: bool, bn_mode: str) -> None:
+    """Train mode for the trunk, except BatchNorm when frozen (warm-up) or ``bn_mode='frozen'``."""
+    backbone.train(not frozen)
+    if not frozen and bn_mode == "frozen":
+        for m in backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def init_head(model: IBCModel, mode: str) -> None:
+    if mode == "orthogonal":
+        nn.init.orthogonal_(model.head.fc.weight)
+        nn.init.zeros_(model.head.fc.bias)
 
 
 def seed_everything(seed: int) -> None:
@@ -196,15 +231,23 @@ def _save(path: str, payload: dict) -> bool:
         return False
 
 
-def _fmt_table(metrics: dict, title: str) -> str:
-    keys = [k for k in metrics if k.startswith("recall@")] + [k for k in ("precision@1", "map@r", "r_precision", "nmi")
-                                                              if k in metrics]
+def _fmt_table(rows: list[tuple[str, dict]] | dict, title: str) -> str:
+    """A plain-text metrics table: one row per (name, metrics) pair, values in percent."""
+    if isinstance(rows, dict):
+        rows = [("", rows)]
+    first = rows[0][1]
+    keys = [k for k in first if k.startswith("recall@")] + [k for k in ("precision@1", "map@r", "r_precision", "nmi")
+                                                            if k in first]
     names = [k.replace("recall@", "R@").replace("precision@1", "P@1").replace("map@r", "MAP@R")
              .replace("r_precision", "RP").replace("nmi", "NMI") for k in keys]
     widths = [max(6, len(n)) for n in names]
-    head = " | ".join(n.rjust(w) for n, w in zip(names, widths))
-    vals = " | ".join(f"{100 * metrics[k]:.2f}".rjust(w) for k, w in zip(keys, widths))
-    return f"{title}\n{head}\n{'-' * len(head)}\n{vals}"
+    label_w = max(len(r[0]) for r in rows)
+    head = " " * label_w + (" | " if label_w else "") + " | ".join(n.rjust(w) for n, w in zip(names, widths))
+    lines = [title, head, "-" * len(head)]
+    for label, m in rows:
+        vals = " | ".join((f"{100 * m[k]:.2f}" if k in m else "-").rjust(w) for k, w in zip(keys, widths))
+        lines.append(label.ljust(label_w) + (" | " if label_w else "") + vals)
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- train
@@ -270,9 +313,11 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
     channels_last = rt.channels_last == "true" or (rt.channels_last == "auto" and device.type == "cuda")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    ft = cfg.finetune
+    init_head(model, ft.head_init)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.RAdam(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay,
-                                  decoupled_weight_decay=True)
+    optimizer = torch.optim.RAdam(parameter_groups(model, ft.backbone_lr_mult), lr=oc.lr, betas=tuple(oc.betas),
+                                  weight_decay=oc.weight_decay, decoupled_weight_decay=True)
     adtype = amp_dtype(rt.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=adtype == torch.float16)
 
@@ -286,7 +331,10 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
         ckpt = load_checkpoint(last_path)
         check_architecture(ckpt, cfg.model, where=last_path)
         load_model_state(model, ckpt["model"], where=last_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as e:
+            raise CheckpointError(f"{last_path}: its optimiser state does not fit this run ({e})") from None
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         sampler.load_state_dict(ckpt["sampler"])
@@ -318,7 +366,9 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
     step_module: nn.Module = TrainStep(model, cfg.loss, dist_info, rt.mpn_global_batch)
     if dist_info.enabled:
         step_module = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=True)
+            step_module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=True,
+            find_unused_parameters=cfg.finetune.freeze_backbone_epochs > 0)
+    inner_step = step_module.module if dist_info.enabled else step_module
     if rt.compile:
         step_module = torch.compile(step_module)
 
@@ -379,8 +429,11 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
             for images, labels, _, ok in loader:
                 b = sampler.start_batch
                 lr = oc.lr * lr_factor(oc, epoch, b, n_batches)
+                frozen = backbone_frozen_at(ft, epoch, b, n_batches)
                 for g in optimizer.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = 0.0 if (frozen and g.get("name") == "backbone") else lr * g.get("lr_mult", 1.0)
+                inner_step.backbone_frozen = frozen
+                set_backbone_mode(model.backbone, frozen=frozen, bn_mode=ft.bn_mode)
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 if channels_last:
@@ -452,7 +505,8 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
         # ---- end of epoch: log, validate, checkpoint
         n = max(1, epoch_stats["n"])
         record: dict[str, Any] = {
-            "epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
+            "epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[-1]["lr"],
+            "lr_backbone": optimizer.param_groups[0]["lr"],
             "loss": epoch_stats["loss"] / n, "loss_backbone": epoch_stats["loss_backbone"] / n,
             "loss_mpn": (epoch_stats["loss_mpn"] / n) if model.mpn is not None else None,
             "images_per_s": epoch_stats["images"] / max(1e-9, epoch_stats["time"]),
@@ -515,11 +569,17 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
                                       nmi=rt.nmi, seed=rt.seed, batch_size=rt.eval_batch_size,
                                       num_workers=dc.num_workers, channels_last=channels_last, amp_dtype=adtype,
                                       progress=rt.progress, desc="eval test")
+        baseline = None
+        if cfg.model.pretrained and rt.baseline:
+            baseline = pretrained_baseline(cfg, device=device, channels_last=channels_last, amp_dtype=adtype)
         final = {"test": test_metrics, "model": chosen, "protocol": protocol, "epochs": epoch, "steps": step,
                  "train_time_s": train_time, "eval_time_s": time.perf_counter() - t0,
                  "best_selection_recall@1": best_value, "selection_split": sel_split,
                  "use_mpn": cfg.model.use_mpn, "seed": rt.seed, "stopped": stop_reason or "completed",
                  "load_avg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, "env": env}
+        if baseline is not None:
+            final["baseline"] = {"test": baseline, "model": f"{cfg.model.backbone} ImageNet weights, no training "
+                                 f"({cfg.model.pooling}-pooled trunk features, no head)"}
         with open(os.path.join(out_dir, "final_metrics.json"), "w") as f:
             json.dump(final, f, indent=2)
         try:
@@ -529,7 +589,8 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
         except Exception as e:  # noqa: BLE001
             log.warning("could not draw plots: %s", e)
         title = f"Test classes ({dc.dataset}, model: {chosen}; {protocol})"
-        log.info("\n%s", _fmt_table(test_metrics, title))
+        rows = ([("starting point (pretrained, untrained)", baseline)] if baseline else []) + [("trained", test_metrics)]
+        log.info("\n%s", _fmt_table(rows, title))
     D.barrier()
     inner = step_module.module if isinstance(step_module, nn.parallel.DistributedDataParallel) else step_module
     inner = getattr(inner, "_orig_mod", inner)
@@ -541,6 +602,54 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
 
 
 # --------------------------------------------------------------------------- evaluation of a saved checkpoint
+
+
+def _split_items(dc, split: str) -> tuple[list, list | None]:
+    """(queries, gallery or None): In-Shop's test split is query vs gallery, the others leave-one-out."""
+    if dc.dataset == "inshop" and split == "test":
+        return dataset_items(dc, "query"), dataset_items(dc, "gallery")
+    return dataset_items(dc, split), None
+
+
+def pretrained_baseline(cfg: Config, *, split: str = "test", device: torch.device | str = "cpu",
+                        channels_last: bool = False, amp_dtype: torch.dtype | None = None) -> dict:
+    """The starting point: the untrained pretrained trunk's pooled features (no head), same metrics and data.
+
+    Why: a fine-tuned model is only worth shipping if it beats the free embedding it started from.
+    """
+    from models.backbones import create_backbone
+
+    if not cfg.model.pretrained:
+        raise TrainingError("the zero-shot baseline needs pretrained weights: set model.pretrained=true")
+    backbone = create_backbone(cfg.model.backbone, pooling=cfg.model.pooling, pretrained=cfg.model.pretrained)
+    backbone.to(device).eval()
+    if channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    items, gallery = _split_items(cfg.data, split)
+    rt = cfg.runtime
+    return evaluate_items(backbone, items, cfg.preprocess, gallery=gallery, ks=default_ks(cfg.data.dataset),
+                          nmi=rt.nmi, seed=rt.seed, batch_size=rt.eval_batch_size, num_workers=cfg.data.num_workers,
+                          channels_last=channels_last, amp_dtype=amp_dtype, progress=rt.progress,
+                          desc=f"baseline {split}")
+
+
+def evaluate_baseline(cfg: Config, *, out_dir: str | None = None, split: str = "test", device: str = "auto") -> dict:
+    """``ibc-train --pretrained-baseline``: report (and save) the zero-shot metrics of the config's backbone."""
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    if cfg.data.root:
+        cfg.data.root = os.path.abspath(os.path.expanduser(cfg.data.root))
+    dev = resolve_device(device)
+    channels_last = cfg.runtime.channels_last == "true" or (cfg.runtime.channels_last == "auto" and dev.type == "cuda")
+    m = pretrained_baseline(cfg, split=split, device=dev, channels_last=channels_last)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "baseline_metrics.json"), "w") as f:
+            json.dump({"baseline": {split: m, "backbone": cfg.model.backbone, "pooling": cfg.model.pooling,
+                                    "preprocess": cfg.preprocess.to_dict()}}, f, indent=2)
+    log.info("\n%s", _fmt_table([("starting point (pretrained, untrained)", m)],
+                                f"{split} classes ({cfg.data.dataset}), {cfg.model.backbone} ImageNet weights"))
+    return m
 
 
 def evaluate_checkpoint(path: str, *, data_root: str | None = None, overrides: dict | None = None,
@@ -579,4 +688,5 @@ def evaluate_checkpoint(path: str, *, data_root: str | None = None, overrides: d
 
 
 __all__ = ["train", "TrainResult", "TrainingError", "TrainStep", "evaluate_checkpoint", "lr_factor",
+           "pretrained_baseline", "evaluate_baseline", "parameter_groups",
            "CheckpointError"]
