@@ -110,20 +110,30 @@ def test_orthogonal_head_init(folder):
     assert torch.count_nonzero(model.head.fc.bias) == 0
 
 
-def test_pretrained_run_reports_the_starting_point(folder, weights, tmp_path, caplog):
+def test_pretrained_run_reports_the_starting_point(folder, weights, tmp_path, caplog, monkeypatch):
     """final_metrics.json holds the baseline (untrained trunk, pooled, no head) beside the trained model,
     equal to what `ibc-train --pretrained-baseline` reports on its own."""
-    from trainer.loop import evaluate_baseline
+    from trainer.baseline import evaluate_baseline
 
     path, _ = weights
+    monkeypatch.setenv("IBC_CACHE", str(tmp_path / "cache"))
     caplog.set_level("INFO", logger="trainer")
     cfg = tiny_config(folder, **{"model.pretrained": str(path), "model.pooling": "avg"})
     train(cfg, str(tmp_path / "run"))
     final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
     assert "recall@1" in final["baseline"]["test"] and "no training" in final["baseline"]["model"]
+    # computed again without the cache, on its own: the same numbers
     alone = evaluate_baseline(tiny_config(folder, **{"model.pretrained": str(path), "model.pooling": "avg"}),
-                              out_dir=str(tmp_path / "b"))
+                              out_dir=str(tmp_path / "b"), use_cache=False)
     assert alone == pytest.approx(final["baseline"]["test"])
+    assert len(list((tmp_path / "cache" / "baselines").glob("*.json"))) == 1
+    # another seed's run reads the cached entry (same weights, pooling, preprocessing and images)
+    caplog.clear()
+    train(tiny_config(folder, **{"model.pretrained": str(path), "model.pooling": "avg", "runtime.seed": 3}),
+          str(tmp_path / "run3"))
+    assert any("from the cache" in r.getMessage() for r in caplog.records)
+    final3 = json.loads((tmp_path / "run3" / "final_metrics.json").read_text())
+    assert final3["baseline"]["test"] == pytest.approx(alone)
     saved = json.loads((tmp_path / "b" / "baseline_metrics.json").read_text())
     assert saved["baseline"]["test"] == pytest.approx(alone)
     assert any("starting point (pretrained, untrained)" in r.getMessage() for r in caplog.records)

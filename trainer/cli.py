@@ -50,7 +50,8 @@ def main(config_path, data_root, out_dir, overrides, resume, eval_ckpt, baseline
     from models.checkpoint import CheckpointError
     from trainer.config import ConfigError, deep_merge, load_config, parse_override
     from trainer.data import DataError
-    from trainer.loop import TrainingError, evaluate_baseline, evaluate_checkpoint, train
+    from trainer.baseline import evaluate_baseline
+    from trainer.loop import TrainingError, evaluate_checkpoint, train
 
     overrides = list(overrides)
     if seed is not None:

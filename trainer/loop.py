@@ -571,6 +571,8 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
                                       progress=rt.progress, desc="eval test")
         baseline = None
         if cfg.model.pretrained and rt.baseline:
+            from trainer.baseline import pretrained_baseline
+
             baseline = pretrained_baseline(cfg, device=device, channels_last=channels_last, amp_dtype=adtype)
         final = {"test": test_metrics, "model": chosen, "protocol": protocol, "epochs": epoch, "steps": step,
                  "train_time_s": train_time, "eval_time_s": time.perf_counter() - t0,
@@ -611,47 +613,6 @@ def _split_items(dc, split: str) -> tuple[list, list | None]:
     return dataset_items(dc, split), None
 
 
-def pretrained_baseline(cfg: Config, *, split: str = "test", device: torch.device | str = "cpu",
-                        channels_last: bool = False, amp_dtype: torch.dtype | None = None) -> dict:
-    """The starting point: the untrained pretrained trunk's pooled features (no head), same metrics and data.
-
-    Why: a fine-tuned model is only worth shipping if it beats the free embedding it started from.
-    """
-    from models.backbones import create_backbone
-
-    if not cfg.model.pretrained:
-        raise TrainingError("the zero-shot baseline needs pretrained weights: set model.pretrained=true")
-    backbone = create_backbone(cfg.model.backbone, pooling=cfg.model.pooling, pretrained=cfg.model.pretrained)
-    backbone.to(device).eval()
-    if channels_last:
-        backbone = backbone.to(memory_format=torch.channels_last)
-    items, gallery = _split_items(cfg.data, split)
-    rt = cfg.runtime
-    return evaluate_items(backbone, items, cfg.preprocess, gallery=gallery, ks=default_ks(cfg.data.dataset),
-                          nmi=rt.nmi, seed=rt.seed, batch_size=rt.eval_batch_size, num_workers=cfg.data.num_workers,
-                          channels_last=channels_last, amp_dtype=amp_dtype, progress=rt.progress,
-                          desc=f"baseline {split}")
-
-
-def evaluate_baseline(cfg: Config, *, out_dir: str | None = None, split: str = "test", device: str = "auto") -> dict:
-    """``ibc-train --pretrained-baseline``: report (and save) the zero-shot metrics of the config's backbone."""
-    if cfg.runtime.threads:
-        torch.set_num_threads(cfg.runtime.threads)
-    if cfg.data.root:
-        cfg.data.root = os.path.abspath(os.path.expanduser(cfg.data.root))
-    dev = resolve_device(device)
-    channels_last = cfg.runtime.channels_last == "true" or (cfg.runtime.channels_last == "auto" and dev.type == "cuda")
-    m = pretrained_baseline(cfg, split=split, device=dev, channels_last=channels_last)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "baseline_metrics.json"), "w") as f:
-            json.dump({"baseline": {split: m, "backbone": cfg.model.backbone, "pooling": cfg.model.pooling,
-                                    "preprocess": cfg.preprocess.to_dict()}}, f, indent=2)
-    log.info("\n%s", _fmt_table([("starting point (pretrained, untrained)", m)],
-                                f"{split} classes ({cfg.data.dataset}), {cfg.model.backbone} ImageNet weights"))
-    return m
-
-
 def evaluate_checkpoint(path: str, *, data_root: str | None = None, overrides: dict | None = None,
                         split: str = "test", out_dir: str | None = None, batch_size: int = 128,
                         num_workers: int | None = None, device: str = "auto", nmi: bool = True) -> dict:
@@ -688,5 +649,5 @@ def evaluate_checkpoint(path: str, *, data_root: str | None = None, overrides: d
 
 
 __all__ = ["train", "TrainResult", "TrainingError", "TrainStep", "evaluate_checkpoint", "lr_factor",
-           "pretrained_baseline", "evaluate_baseline", "parameter_groups",
+           "parameter_groups",
            "CheckpointError"]
