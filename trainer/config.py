@@ -42,6 +42,7 @@ class DataConfig:
     val_seed: int = 0
     # "val" (default, clean) or "test": the paper's protocol (select on the test classes), labelled as such
     select_on: str = "val"
+    select_metric: str = "recall@1"  # what best.pt maximises on the selection split: recall@1 | map@r | r_precision
     min_images_per_class: int = 2  # classes with fewer images are left out of training (with a warning)
     on_bad_image: str = "skip"  # "skip": warn and use another image of the class; "stop": end the run cleanly
     num_workers: int = 2
@@ -118,6 +119,7 @@ class RuntimeConfig:
     mpn_global_batch: bool = False  # DDP: the MPN sees the whole global batch (all-gather with gradients)
     nmi: bool = True  # compute NMI in the final test report
     baseline: bool = True  # pretrained backbones: also report the untrained starting point on the test classes
+    test_report: bool = True  # false: never touch the test classes (hyper-parameter screening on val)
 
 
 @dataclass
@@ -352,6 +354,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.dataset must be one of {', '.join(DATASETS)}, got {d.dataset!r}")
     if d.select_on not in ("val", "test"):
         raise ConfigError(f"data.select_on must be 'val' or 'test', got {d.select_on!r}")
+    if d.select_metric not in ("recall@1", "map@r", "r_precision"):
+        raise ConfigError(f"data.select_metric must be recall@1, map@r or r_precision, got {d.select_metric!r}")
     if d.on_bad_image not in ("skip", "stop"):
         raise ConfigError(f"data.on_bad_image must be 'skip' or 'stop', got {d.on_bad_image!r}")
     if not 0.0 <= d.val_fraction < 1.0:

@@ -522,7 +522,7 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
                 m = evaluate_split(sel_split)
                 record.update({f"{sel_split}/{k}": v for k, v in m.items() if isinstance(v, float)})
                 record["eval_time_s"] = time.perf_counter() - t0
-                value = m["recall@1"]
+                value = m[dc.select_metric]
                 improved = best_value is None or value > best_value
                 if improved:
                     best_value = value
@@ -534,7 +534,8 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
                    + (f", MPN {record['loss_mpn']:.4f}" if record["loss_mpn"] is not None else "")
                    + f"), {record['images_per_s']:.1f} img/s")
             if sel_split and f"{sel_split}/recall@1" in record:
-                msg += f", {sel_split} R@1 {100 * record[f'{sel_split}/recall@1']:.2f}" + (" (best)" if improved else "")
+                msg += (f", {sel_split} R@1 {100 * record[f'{sel_split}/recall@1']:.2f}, MAP@R "
+                        f"{100 * record[f'{sel_split}/map@r']:.2f}" + (" (best)" if improved else ""))
             log.info(msg)
             _write_jsonl(metrics_path, record)
             _save(last_path, payload())
@@ -561,22 +562,21 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
         else:
             chosen = f"last (epoch {epoch})"
         t0 = time.perf_counter()
-        items = dataset_items(dc, "test")
-        gallery = None
-        if dc.dataset == "inshop":
-            items, gallery = dataset_items(dc, "query"), dataset_items(dc, "gallery")
-        test_metrics = evaluate_items(model, items, cfg.preprocess, gallery=gallery, ks=default_ks(dc.dataset),
-                                      nmi=rt.nmi, seed=rt.seed, batch_size=rt.eval_batch_size,
-                                      num_workers=dc.num_workers, channels_last=channels_last, amp_dtype=adtype,
-                                      progress=rt.progress, desc="eval test")
+        if rt.test_report:
+            items, gallery = _split_items(dc, "test")
+            test_metrics = evaluate_items(model, items, cfg.preprocess, gallery=gallery, ks=default_ks(dc.dataset),
+                                          nmi=rt.nmi, seed=rt.seed, batch_size=rt.eval_batch_size,
+                                          num_workers=dc.num_workers, channels_last=channels_last,
+                                          amp_dtype=adtype, progress=rt.progress, desc="eval test")
         baseline = None
-        if cfg.model.pretrained and rt.baseline:
+        if cfg.model.pretrained and rt.baseline and rt.test_report:
             from trainer.baseline import pretrained_baseline
 
             baseline = pretrained_baseline(cfg, device=device, channels_last=channels_last, amp_dtype=adtype)
         final = {"test": test_metrics, "model": chosen, "protocol": protocol, "epochs": epoch, "steps": step,
                  "train_time_s": train_time, "eval_time_s": time.perf_counter() - t0,
-                 "best_selection_recall@1": best_value, "selection_split": sel_split,
+                 f"best_selection_{dc.select_metric}": best_value, "selection_split": sel_split,
+                 "selection_metric": dc.select_metric,
                  "use_mpn": cfg.model.use_mpn, "seed": rt.seed, "stopped": stop_reason or "completed",
                  "load_avg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, "env": env}
         if baseline is not None:
@@ -590,9 +590,13 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
             plot_metrics(history, os.path.join(out_dir, "plots"), final=test_metrics)
         except Exception as e:  # noqa: BLE001
             log.warning("could not draw plots: %s", e)
-        title = f"Test classes ({dc.dataset}, model: {chosen}; {protocol})"
-        rows = ([("starting point (pretrained, untrained)", baseline)] if baseline else []) + [("trained", test_metrics)]
-        log.info("\n%s", _fmt_table(rows, title))
+        if test_metrics:
+            title = f"Test classes ({dc.dataset}, model: {chosen}; {protocol})"
+            rows = [("starting point (pretrained, untrained)", baseline)] if baseline else []
+            log.info("\n%s", _fmt_table(rows + [("trained", test_metrics)], title))
+        else:
+            log.info("test classes not evaluated (runtime.test_report=false); best %s %s: %s", sel_split,
+                     dc.select_metric, best_value)
     D.barrier()
     inner = step_module.module if isinstance(step_module, nn.parallel.DistributedDataParallel) else step_module
     inner = getattr(inner, "_orig_mod", inner)
