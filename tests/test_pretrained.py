@@ -143,3 +143,11 @@ def test_training_normalisation_uses_the_weights_statistics():
 
     white = t(Image.fromarray(np.full((300, 300, 3), 255, np.uint8)))
     torch.testing.assert_close(white, torch.ones_like(white))  # (1 - 0.5) / 0.5
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path("configs").glob("*.yaml")))
+def test_every_preset_loads_with_a_registered_backbone(path):
+    cfg = load_config(path)
+    assert cfg.model.backbone in models.list_backbones()
+    if cfg.model.pretrained and cfg.model.backbone.startswith("efficientnet_lite"):
+        assert cfg.preprocess.interpolation == "bicubic" and cfg.preprocess.mean == (0.5, 0.5, 0.5)
