@@ -1,6 +1,8 @@
 """Pretrained EfficientNet-Lite: exact against the reference implementation with the same weights,
 preprocessing that travels with the weights, clear errors for missing or unfit weight files."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -128,7 +130,7 @@ def test_preprocessing_travels_with_the_weights(caplog):
     cfg = load_config(None, ["model.backbone=efficientnet_lite0", "model.pretrained=false"])
     assert cfg.preprocess.mean == (0.485, 0.456, 0.406)
     # torchvision weights: ImageNet statistics, and a resolved config (as saved in checkpoints) round-trips
-    cfg = load_config("configs/cub.yaml")
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "cub.yaml"))
     assert cfg.preprocess.mean == (0.485, 0.456, 0.406) and cfg.preprocess.crop == 227
     with pytest.raises(ConfigError, match="model.backbone"):
         load_config(None, ["model.backbone=nope", "model.pretrained=true"])
@@ -145,7 +147,7 @@ def test_training_normalisation_uses_the_weights_statistics():
     torch.testing.assert_close(white, torch.ones_like(white))  # (1 - 0.5) / 0.5
 
 
-@pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path("configs").glob("*.yaml")))
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
 def test_every_preset_loads_with_a_registered_backbone(path):
     cfg = load_config(path)
     assert cfg.model.backbone in models.list_backbones()
