@@ -2,6 +2,7 @@
 
     python bench/train_comparison.py --dataset flowers --dataset omniglot        # runs, then the table
     python bench/train_comparison.py --dataset flowers --table-only              # table from finished runs
+    python bench/train_comparison.py --dataset flowers-lite0                     # pretrained: + zero-shot row
 
 Each run is ``ibc-train --config configs/<preset> --out runs/cmp/<dataset>-<mpn|ce>-s<seed>``; a run
 whose ``final_metrics.json`` exists is not repeated. Writes ``bench/out/train_comparison.json`` and
@@ -20,7 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = {"flowers": "configs/flowers102-cpu.yaml", "omniglot": "configs/omniglot-cpu.yaml"}
+PRESETS = {"flowers": "configs/flowers102-cpu.yaml", "omniglot": "configs/omniglot-cpu.yaml",
+           "flowers-lite0": "configs/flowers102-lite0-cpu.yaml"}
 
 
 def run_dir(dataset: str, mpn: bool, seed: int) -> Path:
@@ -45,6 +47,7 @@ def run_one(dataset: str, mpn: bool, seed: int, extra: list[str]) -> dict:
     d = json.loads(final.read_text())
     hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {"dataset": dataset, "mpn": mpn, "seed": seed, "test": d["test"], "epochs": d["epochs"],
+            "baseline": (d.get("baseline") or {}).get("test"),
             "steps": d["steps"], "train_time_s": d["train_time_s"], "eval_time_s": d.get("eval_time_s"),
             "images_per_s": [r.get("images_per_s") for r in hist], "out": str(out.relative_to(ROOT)),
             "config": str(PRESETS[dataset])}
@@ -61,6 +64,10 @@ def table(results: list[dict]) -> str:
         head = ["variant", "seeds"] + [k.replace("recall@", "R@").replace("map@r", "MAP@R").replace("nmi", "NMI")
                                        for k in keys] + ["train min/run"]
         lines += [f"**{dataset}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        base = next((r["baseline"] for r in rows if r.get("baseline")), None)
+        if base:  # the same weights and images for every seed: one number
+            lines.append("| " + " | ".join(["zero-shot (ImageNet weights, no training)", "-"]
+                                           + [f"{100 * base[k]:.2f}" for k in keys] + ["0"]) + " |")
         for mpn in (True, False):
             rs = [r for r in rows if r["mpn"] == mpn]
             if not rs:
