@@ -36,6 +36,7 @@ from export.parity import compare, parse_tolerance, retrieval_metrics
 from export.runners import TorchRunner, embed, onnxruntime_runner, openvino_runner
 from export.source import ExportSource, load_source
 from sdk.bundle import Manifest, atomic_directory, load_manifest, write_manifest
+from sdk.datasets import default_ks
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ UNSUPPORTED_WHY = {
     ("tensorrt", "bf16"): "not produced for TensorRT",
 }
 PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8")
-DEFAULT_KS = (1, 2, 4, 8)
+DEFAULT_KS = default_ks("folder")
 NUMERIC_CHECK_IMAGES = 32
 
 
@@ -120,8 +121,7 @@ def resolve_plan(backends, precisions) -> tuple[list[tuple[str, str]], list[tupl
     if not plan:
         raise ExportError("no variant to build: " + "; ".join(f"{n}: {why}" for n, why in skipped))
     for b in canon:
-        if b == "onnxruntime" or b == "openvino" or b == "tensorrt":
-            _require_modules(b, ("onnx", "onnxruntime"))  # every variant starts from the checked ONNX
+        _require_modules(b, ("onnx", "onnxruntime"))  # every variant starts from the checked ONNX
         if b == "openvino":
             _require_modules(b, ("openvino",) + (("nncf",) if ("openvino", "int8") in plan else ()))
         if b == "tensorrt":
@@ -129,6 +129,12 @@ def resolve_plan(backends, precisions) -> tuple[list[tuple[str, str]], list[tupl
 
             require_tensorrt()
     return plan, skipped
+
+
+def gate_ks(config: dict) -> tuple[int, ...]:
+    """The Recall@K cut-offs training reported for the checkpoint's dataset (SOP: 1, 10, 100, 1000, ...)."""
+    data = config.get("data") if isinstance(config, dict) else None
+    return default_ks(str(data.get("dataset", "folder"))) if isinstance(data, dict) else DEFAULT_KS
 
 
 def _sets(source: ExportSource, plan, *, calib_data, parity_data, val_data, calib_size, parity_limit, val_limit,
@@ -357,7 +363,7 @@ def export_bundle(
     ort_int8 = ort_int8 or OrtInt8Options()
     ov_int8 = ov_int8 or OvInt8Options()
     source = load_source(checkpoint, data_root=data_root)
-    ks = tuple(int(k) for k in (ks or (source.config.get("eval") or {}).get("ks") or DEFAULT_KS))
+    ks = tuple(int(k) for k in (ks or gate_ks(source.config)))
     need_val = ("openvino", "int8") in plan and ov_int8.accuracy_control
 
     with tempfile.TemporaryDirectory(prefix="ibc-export-", dir=workdir) as work:

@@ -12,7 +12,8 @@ import sys
 
 import click
 
-from export.errors import ExportError, GateFailure
+from export.errors import GateFailure
+from sdk.errors import IbcError
 
 log = logging.getLogger("export")
 
@@ -141,8 +142,8 @@ def main(checkpoint, out, backends, precisions, calib_data, parity_data, val_dat
         if e.result is not None and e.result.out:
             click.echo(f"wrote {e.result.out} with {', '.join(e.result.written)}", err=True)
         sys.exit(EXIT_GATE)
-    except (ExportError, ValueError, FileExistsError) as e:  # CheckpointError / BundleError are ValueErrors
-        click.echo(f"ibc-export: {e}", err=True)
+    except (IbcError, ValueError, OSError) as e:  # every expected error: checkpoint, data, backend, bundle, disk
+        click.echo(f"ibc-export: {' '.join(str(e).split())}", err=True)
         sys.exit(EXIT_ERROR)
     click.echo(format_table(result))
     click.echo(f"wrote {result.out} ({', '.join(result.written)}) in {result.seconds:.0f}s")

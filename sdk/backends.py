@@ -178,6 +178,11 @@ class Runner:
     def run(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
+    @property
+    def output_dim(self) -> int | None:
+        """The embedding width the loaded model declares (None when its last axis is dynamic)."""
+        return None
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.run(batch)
 
@@ -240,6 +245,11 @@ class OnnxRuntimeRunner(Runner):
             raise BackendError(f"onnxruntime failed on a batch of shape {batch.shape}: {e}") from None
         return np.asarray(out, dtype=np.float32)
 
+    @property
+    def output_dim(self) -> int | None:
+        shape = next(o.shape for o in self.session.get_outputs() if o.name == self.output_name)
+        return _static_last(shape)
+
     def describe(self) -> dict:
         return {**super().describe(), "providers": self.session.get_providers(), "version": self.version}
 
@@ -297,6 +307,12 @@ class OpenVINORunner(Runner):
             return np.array(result[self._output], dtype=np.float32, copy=True)
         except Exception as e:
             raise BackendError(f"openvino failed on a batch of shape {batch.shape}: {e}") from None
+
+    @property
+    def output_dim(self) -> int | None:
+        shape = self._output.get_partial_shape()
+        last = shape[shape.rank.get_length() - 1] if shape.rank.is_static and shape.rank.get_length() else None
+        return int(last.get_length()) if last is not None and last.is_static else None
 
     def describe(self) -> dict:
         return {**super().describe(), "device": self.device, "config": self.config,
@@ -425,6 +441,10 @@ class TensorRTRunner(Runner):
                 outs.append(y.astype(np.float32))
         return np.concatenate(outs)
 
+    @property
+    def output_dim(self) -> int | None:
+        return _static_last(tuple(self.engine.get_tensor_shape(self.output_name)))
+
     def describe(self) -> dict:
         return {**super().describe(), "max_batch": self.max_batch, "version": self.version}
 
@@ -437,14 +457,25 @@ class TensorRTRunner(Runner):
 RUNNERS = {"onnxruntime": OnnxRuntimeRunner, "openvino": OpenVINORunner, "tensorrt": TensorRTRunner}
 
 
+def _static_last(shape) -> int | None:
+    last = shape[-1] if len(shape) else None
+    return int(last) if isinstance(last, (int, np.integer)) and not isinstance(last, bool) and last > 0 else None
+
+
 def open_runner(bundle_dir: str, manifest: Manifest, variant: Variant, threads: int | None = None) -> Runner:
-    """Load ``variant`` of the bundle in its runtime."""
+    """Load ``variant`` of the bundle in its runtime; refuse a model whose output width is not the manifest's."""
     cls = RUNNERS.get(variant.backend)
     if cls is None:
         raise BackendError(f"no runner for backend {variant.backend!r}")
     path = os.path.join(os.fspath(bundle_dir), *variant.main_file.path.split("/"))
-    return cls(path, input_name=manifest.input.name, output_name=manifest.output_name, precision=variant.precision,
-               hints=variant.runtime_hints, threads=threads)
+    runner = cls(path, input_name=manifest.input.name, output_name=manifest.output_name, precision=variant.precision,
+                 hints=variant.runtime_hints, threads=threads)
+    dim = runner.output_dim
+    if dim is not None and dim != manifest.embedding_dim:
+        runner.close()
+        raise BundleError(f"{path}: the model outputs {dim}-d embeddings but the manifest says embedding_dim "
+                          f"{manifest.embedding_dim} (variant {variant.name!r})")
+    return runner
 
 
 __all__ = ["BackendError", "Candidate", "Runner", "OnnxRuntimeRunner", "OpenVINORunner", "TensorRTRunner", "plan",

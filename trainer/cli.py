@@ -17,6 +17,8 @@ import sys
 
 import click
 
+EXIT_BAD_INPUT = 2  # one line on stderr naming the file or key (README "Bad input"); 130: interrupted
+
 
 def _setup_logging(verbose: bool) -> None:
     rank = int(os.environ.get("RANK", "0"))
@@ -43,10 +45,9 @@ def main(config_path, data_root, out_dir, overrides, resume, eval_ckpt, seed, th
     """Train Intra-Batch Connections (backbone + MPN) end to end, or evaluate a checkpoint."""
     _setup_logging(verbose)
     log = logging.getLogger("trainer")
-    from models.checkpoint import CheckpointError
+    from sdk.errors import IbcError
     from trainer.config import ConfigError, deep_merge, load_config, parse_override
-    from trainer.data import DataError
-    from trainer.loop import TrainingError, evaluate_checkpoint, train
+    from trainer.loop import evaluate_checkpoint, train
 
     overrides = list(overrides)
     if seed is not None:
@@ -65,20 +66,20 @@ def main(config_path, data_root, out_dir, overrides, resume, eval_ckpt, seed, th
             evaluate_checkpoint(eval_ckpt, data_root=data_root, overrides=extra, out_dir=out_dir)
             return
         if not out_dir:
-            raise click.UsageError("--out is required for training")
+            raise ConfigError("--out is required for training")
         if resume and config_path is None:
             config_path = os.path.join(out_dir, "config.yaml")
             if not os.path.isfile(config_path):
-                raise click.UsageError(f"--resume: {config_path} not found; pass --config")
+                raise ConfigError(f"--resume: {config_path} not found (no run to resume there); pass --config")
         if data_root:
             overrides.append(f"data.root={data_root}")
         cfg = load_config(config_path, overrides)
         result = train(cfg, out_dir, resume=resume)
         if result.test_metrics:
             click.echo(f"run folder: {out_dir}  (best: {result.best_checkpoint})")
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+    except IbcError as e:  # every expected failure: bad config, data, checkpoint, image, missing weights
         log.error("%s", e)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         log.error("interrupted; resume with: ibc-train --out %s --resume", out_dir)
         sys.exit(130)
