@@ -33,15 +33,14 @@ from export.onnx_export import DEFAULT_OPSET, check_numerics, export_onnx
 from export.ort_quantize import OrtInt8Options
 from export.openvino_export import OvInt8Options
 from export.parity import compare, parse_tolerance, retrieval_metrics
-from export.runners import TorchRunner, embed, onnxruntime_runner, openvino_runner
+from export.runners import TorchRunner, embed, onnxruntime_runner, openvino_runner, tensorrt_runner
 from export.source import ExportSource, load_source
-from sdk.bundle import Manifest, atomic_directory, load_manifest, write_manifest
+from sdk.backends import BACKEND_ALIASES, runtime_hints
+from sdk.bundle import PRECISIONS, Manifest, atomic_directory, load_manifest, write_manifest
 from sdk.datasets import default_ks
 
 log = logging.getLogger(__name__)
 
-BACKEND_ALIASES = {"onnx": "onnxruntime", "onnxruntime": "onnxruntime", "ort": "onnxruntime",
-                   "openvino": "openvino", "ov": "openvino", "tensorrt": "tensorrt", "trt": "tensorrt"}
 SUPPORTED = {"onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "fp16", "bf16", "int8"),
              "tensorrt": ("fp16", "int8")}
 UNSUPPORTED_WHY = {
@@ -50,7 +49,7 @@ UNSUPPORTED_WHY = {
     ("tensorrt", "fp32"): "TensorRT variants are fp16 / int8 (use onnxruntime fp32 for an fp32 reference)",
     ("tensorrt", "bf16"): "not produced for TensorRT",
 }
-PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8")
+PRECISION_ORDER = PRECISIONS  # the bundle format's precisions, in build order
 DEFAULT_KS = default_ks("folder")
 NUMERIC_CHECK_IMAGES = 32
 
@@ -230,9 +229,7 @@ class _Builder:
             return onnxruntime_runner(main)
         if v.backend == "openvino":
             return openvino_runner(main, v.runtime_hints, precision=v.precision)
-        from export.tensorrt_export import TensorRTRunner
-
-        return TensorRTRunner(main)
+        return tensorrt_runner(main, v.runtime_hints, precision=v.precision)
 
     def _onnxruntime(self, name, precision) -> BuiltVariant:
         if precision == "fp32":
@@ -288,11 +285,13 @@ class _Builder:
             if not self.trt_weak_typing:
                 src = trx.fp16_onnx(self.fp32_onnx, os.path.join(self.work, "model.fp16.onnx"))
         rel = f"tensorrt/model.{precision}.plan"
-        info = trx.build_engine(src, self._path(rel), precision, self.source.image_size,
-                                weak_typing=self.trt_weak_typing)
+        info = trx.build_engine(src, self._path(rel), precision, weak_typing=self.trt_weak_typing)
         notes = (f"TensorRT {info['tensorrt']} engine for {info['gpu']} only (engines are specific to the GPU model "
                  f"and TensorRT version). {trx.CI_NOTE}")
-        return BuiltVariant(name, "tensorrt", precision, [rel], {"max_batch": info["max_batch"]}, notes,
+        hints = runtime_hints("tensorrt", precision, max_batch=info["max_batch"])
+        if self.trt_weak_typing:
+            hints["weak_typing"] = True
+        return BuiltVariant(name, "tensorrt", precision, [rel], hints, notes,
                             build={"engine": info, "quantization": summary})
 
 

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import click
 
+from sdk.backends import RUNTIME_ORDER
+from sdk.bundle import PRECISIONS
+
 log = logging.getLogger("sdk.cli")
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -110,10 +113,8 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-_backend = click.option("--backend", default="auto", show_default=True,
-                        type=click.Choice(["auto", "tensorrt", "openvino", "onnxruntime"]))
-_precision = click.option("--precision", default="auto", show_default=True,
-                          type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]))
+_backend = click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", *RUNTIME_ORDER]))
+_precision = click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", *PRECISIONS]))
 _threads = click.option("--threads", type=int, default=None, help="Runtime threads (default: the runtime's).")
 
 

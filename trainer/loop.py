@@ -335,7 +335,6 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
             "model": model.state_dict(),
             "config": cfg.to_dict(),
             "optimizer": optimizer.state_dict(),
-            "scheduler": {"schedule": oc.schedule, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"]},
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
             "sampler": sampler.state_dict(),
             "rng": rng_state(),
