@@ -1,12 +1,18 @@
 """``ibc-retrieve``: index a folder of images with a bundle, query the saved catalogue, inspect either.
 
-    ibc-retrieve index BUNDLE IMAGES_DIR --out catalog/
+    ibc-retrieve index BUNDLE IMAGES_DIR --out catalog/ [--dataset cub|cars|sop|inshop|omniglot|folder]
     ibc-retrieve query catalog/ query1.jpg query2.jpg -k 5 [--grid hits.png] [--json]
     ibc-retrieve info BUNDLE_OR_CATALOG
 
-Ids are the image paths relative to IMAGES_DIR; metadata holds the absolute path and the label
-(the first folder under IMAGES_DIR, as in an image-folder layout). Errors are one line, no
-traceback (``-v`` shows logging).
+Ids are the image paths relative to IMAGES_DIR (bytes that are not UTF-8 written as ``\\xNN``);
+metadata holds the absolute path and the label (the first folder under IMAGES_DIR, as in an
+image-folder layout, or with ``--dataset`` the class of that dataset layout, read as the trainer
+reads it). Symlinked folders are followed, each real folder once.
+
+Exit codes: 0 done; 1 bad input or a failed step (one line ``Error: ...`` on stderr naming the
+file or key; nothing written), including a folder where no image could be read; 2 usage error.
+Unreadable images are skipped with one ``skipped PATH: reason`` line each (``--on-error raise``:
+the first one stops the run). ``-v`` shows logging.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import click
 
 from sdk.backends import RUNTIME_ORDER
 from sdk.bundle import PRECISIONS
+from sdk.cli_errors import OneLineGroup, one_line
 
 log = logging.getLogger("sdk.cli")
 
@@ -30,10 +37,6 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 EXIT_ERROR = 1  # bad input or a failed step: one line "Error: ..." on stderr naming the file or key
-
-
-def _one_line(message: str) -> str:
-    return " ".join(str(message).split())
 
 
 def _friendly(fn):
@@ -47,7 +50,7 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except (IbcError, ValueError, OSError) as e:
-            raise click.ClickException(_one_line(e)) from None
+            raise click.ClickException(one_line(e)) from None
 
     return wrapper
 
@@ -105,7 +108,7 @@ def dataset_images(root: str, dataset: str, split: str) -> tuple[list[str], list
     return paths, labels
 
 
-@click.group()
+@click.group(cls=OneLineGroup)
 @click.option("-v", "--verbose", count=True, help="-v: info logging, -vv: debug.")
 def main(verbose: int) -> None:
     """Embed images with an exported ibc bundle and search them (no torch needed)."""

@@ -17,6 +17,8 @@ import sys
 
 import click
 
+from sdk.cli_errors import OneLineCommand, one_line
+
 EXIT_BAD_INPUT = 2  # one line on stderr naming the file or key (README "Bad input"); 130: interrupted
 
 
@@ -28,7 +30,7 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="YAML preset (configs/*.yaml). With --resume, defaults to OUT/config.yaml.")
 @click.option("--data-root", default=None, help="Dataset folder (overrides data.root).")
@@ -78,7 +80,7 @@ def main(config_path, data_root, out_dir, overrides, resume, eval_ckpt, seed, th
         if result.test_metrics:
             click.echo(f"run folder: {out_dir}  (best: {result.best_checkpoint})")
     except IbcError as e:  # every expected failure: bad config, data, checkpoint, image, missing weights
-        log.error("%s", e)
+        log.error("%s", one_line(e))
         sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         log.error("interrupted; resume with: ibc-train --out %s --resume", out_dir)
