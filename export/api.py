@@ -33,14 +33,14 @@ from export.onnx_export import DEFAULT_OPSET, check_numerics, export_onnx
 from export.ort_quantize import OrtInt8Options
 from export.openvino_export import OvInt8Options
 from export.parity import compare, parse_tolerance, retrieval_metrics
-from export.runners import TorchRunner, embed, onnxruntime_runner, openvino_runner
+from export.runners import TorchRunner, embed, onnxruntime_runner, openvino_runner, tensorrt_runner
 from export.source import ExportSource, load_source
-from sdk.bundle import Manifest, atomic_directory, load_manifest, write_manifest
+from sdk.backends import BACKEND_ALIASES, runtime_hints
+from sdk.bundle import PRECISIONS, Manifest, atomic_directory, load_manifest, write_manifest
+from sdk.datasets import default_ks
 
 log = logging.getLogger(__name__)
 
-BACKEND_ALIASES = {"onnx": "onnxruntime", "onnxruntime": "onnxruntime", "ort": "onnxruntime",
-                   "openvino": "openvino", "ov": "openvino", "tensorrt": "tensorrt", "trt": "tensorrt"}
 SUPPORTED = {"onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "fp16", "bf16", "int8"),
              "tensorrt": ("fp16", "int8")}
 UNSUPPORTED_WHY = {
@@ -49,8 +49,8 @@ UNSUPPORTED_WHY = {
     ("tensorrt", "fp32"): "TensorRT variants are fp16 / int8 (use onnxruntime fp32 for an fp32 reference)",
     ("tensorrt", "bf16"): "not produced for TensorRT",
 }
-PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8")
-DEFAULT_KS = (1, 2, 4, 8)
+PRECISION_ORDER = PRECISIONS  # the bundle format's precisions, in build order
+DEFAULT_KS = default_ks("folder")
 NUMERIC_CHECK_IMAGES = 32
 
 
@@ -120,8 +120,7 @@ def resolve_plan(backends, precisions) -> tuple[list[tuple[str, str]], list[tupl
     if not plan:
         raise ExportError("no variant to build: " + "; ".join(f"{n}: {why}" for n, why in skipped))
     for b in canon:
-        if b == "onnxruntime" or b == "openvino" or b == "tensorrt":
-            _require_modules(b, ("onnx", "onnxruntime"))  # every variant starts from the checked ONNX
+        _require_modules(b, ("onnx", "onnxruntime"))  # every variant starts from the checked ONNX
         if b == "openvino":
             _require_modules(b, ("openvino",) + (("nncf",) if ("openvino", "int8") in plan else ()))
         if b == "tensorrt":
@@ -129,6 +128,12 @@ def resolve_plan(backends, precisions) -> tuple[list[tuple[str, str]], list[tupl
 
             require_tensorrt()
     return plan, skipped
+
+
+def gate_ks(config: dict) -> tuple[int, ...]:
+    """The Recall@K cut-offs training reported for the checkpoint's dataset (SOP: 1, 10, 100, 1000, ...)."""
+    data = config.get("data") if isinstance(config, dict) else None
+    return default_ks(str(data.get("dataset", "folder"))) if isinstance(data, dict) else DEFAULT_KS
 
 
 def _sets(source: ExportSource, plan, *, calib_data, parity_data, val_data, calib_size, parity_limit, val_limit,
@@ -224,9 +229,7 @@ class _Builder:
             return onnxruntime_runner(main)
         if v.backend == "openvino":
             return openvino_runner(main, v.runtime_hints, precision=v.precision)
-        from export.tensorrt_export import TensorRTRunner
-
-        return TensorRTRunner(main)
+        return tensorrt_runner(main, v.runtime_hints, precision=v.precision)
 
     def _onnxruntime(self, name, precision) -> BuiltVariant:
         if precision == "fp32":
@@ -282,11 +285,13 @@ class _Builder:
             if not self.trt_weak_typing:
                 src = trx.fp16_onnx(self.fp32_onnx, os.path.join(self.work, "model.fp16.onnx"))
         rel = f"tensorrt/model.{precision}.plan"
-        info = trx.build_engine(src, self._path(rel), precision, self.source.image_size,
-                                weak_typing=self.trt_weak_typing)
+        info = trx.build_engine(src, self._path(rel), precision, weak_typing=self.trt_weak_typing)
         notes = (f"TensorRT {info['tensorrt']} engine for {info['gpu']} only (engines are specific to the GPU model "
                  f"and TensorRT version). {trx.CI_NOTE}")
-        return BuiltVariant(name, "tensorrt", precision, [rel], {"max_batch": info["max_batch"]}, notes,
+        hints = runtime_hints("tensorrt", precision, max_batch=info["max_batch"])
+        if self.trt_weak_typing:
+            hints["weak_typing"] = True
+        return BuiltVariant(name, "tensorrt", precision, [rel], hints, notes,
                             build={"engine": info, "quantization": summary})
 
 
@@ -357,7 +362,7 @@ def export_bundle(
     ort_int8 = ort_int8 or OrtInt8Options()
     ov_int8 = ov_int8 or OvInt8Options()
     source = load_source(checkpoint, data_root=data_root)
-    ks = tuple(int(k) for k in (ks or (source.config.get("eval") or {}).get("ks") or DEFAULT_KS))
+    ks = tuple(int(k) for k in (ks or gate_ks(source.config)))
     need_val = ("openvino", "int8") in plan and ov_int8.accuracy_control
 
     with tempfile.TemporaryDirectory(prefix="ibc-export-", dir=workdir) as work:

@@ -12,7 +12,9 @@ import sys
 
 import click
 
-from export.errors import ExportError, GateFailure
+from export.errors import GateFailure
+from sdk.cli_errors import OneLineCommand, one_line
+from sdk.errors import IbcError
 
 log = logging.getLogger("export")
 
@@ -59,7 +61,7 @@ def _ints(ctx, param, value):
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--out", "-o", required=True, type=click.Path(), help="bundle directory to write (e.g. model.ibc)")
 @click.option("--backend", "backends", default="onnx,openvino", help="comma list: onnx, openvino, tensorrt")
@@ -141,8 +143,8 @@ def main(checkpoint, out, backends, precisions, calib_data, parity_data, val_dat
         if e.result is not None and e.result.out:
             click.echo(f"wrote {e.result.out} with {', '.join(e.result.written)}", err=True)
         sys.exit(EXIT_GATE)
-    except (ExportError, ValueError, FileExistsError) as e:  # CheckpointError / BundleError are ValueErrors
-        click.echo(f"ibc-export: {e}", err=True)
+    except (IbcError, ValueError, OSError) as e:  # every expected error: checkpoint, data, backend, bundle, disk
+        click.echo(f"ibc-export: {one_line(e)}", err=True)
         sys.exit(EXIT_ERROR)
     click.echo(format_table(result))
     click.echo(f"wrote {result.out} ({', '.join(result.written)}) in {result.seconds:.0f}s")

@@ -7,7 +7,7 @@ and a 5k-image set at 227² would not fit comfortably in RAM.
 
 A set comes from a folder (``DIR/<class>/.../image``: the label is the image's folder relative
 to ``DIR``, so Omniglot's ``alphabet/character`` nesting works) or from the checkpoint's own
-dataset splits (``trainer.data.dataset_items``).
+dataset splits (``sdk.datasets.dataset_items``, the trainer's own reader).
 """
 
 from __future__ import annotations
@@ -110,10 +110,8 @@ def folder_set(root: str, role: str, labelled: bool = True) -> ImageSet:
 
 def checkpoint_set(data_config: dict, split: str, role: str) -> ImageSet:
     """A split (train / val / test) of the dataset the checkpoint was trained on."""
-    try:
-        from trainer.data import dataset_items
-    except ImportError as e:
-        raise DataSetError(f"cannot read the checkpoint's dataset ({e}); pass the {role} images as a folder") from None
+    from sdk.datasets import dataset_items
+
     try:
         items = dataset_items(data_config, split)
     except (ValueError, OSError, KeyError) as e:

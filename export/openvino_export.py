@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from export.errors import ExportError
+from sdk.backends import runtime_hints as backend_hints
 
 log = logging.getLogger(__name__)
 
-PRECISION_HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
 PRESETS = ("performance", "mixed")
 ACTIVATION_RANGES = ("mean_minmax", "minmax", "mean_quantile", "histogram")
 
@@ -67,13 +67,9 @@ class OvInt8Options:
 
 
 def runtime_hints(precision: str, int8_float_precision: str = "f32") -> dict:
-    """The ``compile_model`` config under which a variant runs at the precision it claims."""
-    if precision == "int8":
-        return {"INFERENCE_PRECISION_HINT": int8_float_precision}
-    try:
-        return {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}
-    except KeyError:
-        raise ExportError(f"OpenVINO has no {precision!r} variant; choose from fp32, fp16, bf16, int8") from None
+    """The ``compile_model`` config under which a variant runs at the precision it claims
+    (:func:`sdk.backends.runtime_hints`, which the SDK's runner applies too)."""
+    return backend_hints("openvino", precision, float_precision=int8_float_precision)
 
 
 def convert(onnx_path: str):

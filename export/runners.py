@@ -15,7 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from export.onnx_export import INPUT_NAME, OUTPUT_NAME
-from sdk.backends import OnnxRuntimeRunner, OpenVINORunner, Runner
+from sdk.backends import OnnxRuntimeRunner, OpenVINORunner, Runner, TensorRTRunner
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,12 @@ def openvino_runner(model: Any, hints: dict[str, Any] | None = None, precision: 
     """
     return OpenVINORunner(model, input_name=INPUT_NAME, output_name=OUTPUT_NAME, precision=precision,
                           hints=hints, threads=threads)
+
+
+def tensorrt_runner(engine_path: str, hints: dict | None = None, precision: str = "fp16") -> Runner:
+    """The SDK's TensorRT runner on a serialised engine (what a device with the bundle runs)."""
+    return TensorRTRunner(engine_path, input_name=INPUT_NAME, output_name=OUTPUT_NAME, precision=precision,
+                          hints=hints)
 
 
 class TorchRunner:
@@ -60,4 +66,4 @@ def embed(runner: Callable[[np.ndarray], np.ndarray], images, batch_size: int = 
     return np.concatenate(out)
 
 
-__all__ = ["onnxruntime_runner", "openvino_runner", "TorchRunner", "embed", "INPUT_NAME", "OUTPUT_NAME"]
+__all__ = ["onnxruntime_runner", "openvino_runner", "tensorrt_runner", "TorchRunner", "embed", "INPUT_NAME", "OUTPUT_NAME"]

@@ -12,17 +12,17 @@ What it consumes is verifiable here, through ONNX Runtime:
   ONNX + ``BuilderFlag.FP16`` / ``INT8``) is kept behind ``weak_typing=True``.
 
 Engines are specific to the GPU model and TensorRT version that built them; the manifest says so.
+The engine is built and run by the SDK's code (:func:`sdk.backends.build_tensorrt_engine`,
+:class:`sdk.backends.TensorRTRunner`), so the parity gate measures what the device runs.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
-import numpy as np
-
-from export.errors import BackendUnavailable, ExportError
+from export.errors import BackendUnavailable
+from sdk.backends import build_tensorrt_engine, nvidia_gpu_name, runtime_status
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +31,13 @@ CI_NOTE = ("TensorRT engines are not built in this project's CI (no TensorRT or 
 
 
 def tensorrt_status() -> tuple[bool, str]:
-    """(available, reason): ``tensorrt`` importable and a CUDA GPU visible to torch."""
-    try:
-        import tensorrt as trt  # noqa: F401
-    except ImportError as e:
-        return False, f"the tensorrt Python package is not installed ({e})"
-    try:
-        import torch
+    """(available, reason): the SDK's own check (``tensorrt``, cuda-python and an NVIDIA GPU), so the
+    exporter builds engines exactly where the SDK can run them."""
+    ok, why = runtime_status("tensorrt")
+    if not ok:
+        return False, why
+    import tensorrt as trt
 
-        if not torch.cuda.is_available():
-            return False, "no CUDA GPU is visible (torch.cuda.is_available() is False)"
-    except ImportError:
-        return False, "torch is needed for TensorRT buffers"
     return True, f"tensorrt {trt.__version__}"
 
 
@@ -73,88 +68,17 @@ def fp16_onnx(fp32_path: str, out_path: str) -> str:
     return out_path
 
 
-def _major(trt) -> int:
-    return int(str(trt.__version__).split(".")[0])
-
-
-def build_engine(onnx_path: str, engine_path: str, precision: str, image_size: int, *, weak_typing: bool = False,
+def build_engine(onnx_path: str, engine_path: str, precision: str, *, weak_typing: bool = False,
                  max_batch: int = 64, opt_batch: int = 32, workspace_bytes: int = 2 << 30) -> dict:
-    """Parse ``onnx_path`` and serialize an engine with a dynamic batch profile (1..max_batch)."""
+    """Serialise an engine for ``onnx_path`` (dynamic batch 1..max_batch) through the SDK's one build
+    path, :func:`sdk.backends.build_tensorrt_engine`; returns what the manifest records of it."""
     require_tensorrt()
     import tensorrt as trt
 
-    major = _major(trt)
-    if weak_typing and major >= 11:
-        raise ExportError("TensorRT 11 has no weakly typed builder flags; build from fp16 / QDQ ONNX instead")
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 0
-    if not weak_typing and major < 11:  # strong typing is always on (and the flag gone) in 11
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
     with open(onnx_path, "rb") as f:
-        if not parser.parse(f.read()):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise ExportError(f"TensorRT could not parse {onnx_path}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    if weak_typing:
-        config.set_flag(trt.BuilderFlag.FP16)
-        if precision == "int8":
-            config.set_flag(trt.BuilderFlag.INT8)  # scales come from the QDQ nodes
-    profile = builder.create_optimization_profile()
-    name = network.get_input(0).name
-    shape = (3, image_size, image_size)
-    profile.set_shape(name, (1, *shape), (min(opt_batch, max_batch), *shape), (max_batch, *shape))
-    config.add_optimization_profile(profile)
-    blob = builder.build_serialized_network(network, config)
-    if blob is None:
-        raise ExportError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
+        blob = build_tensorrt_engine(f.read(), precision, where=onnx_path, max_batch=max_batch, opt_batch=opt_batch,
+                                     workspace_bytes=workspace_bytes, weak_typing=weak_typing)
     with open(engine_path, "wb") as f:
-        f.write(bytes(blob))
-    import torch
-
-    return {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(0), "max_batch": max_batch,
+        f.write(blob)
+    return {"tensorrt": trt.__version__, "gpu": nvidia_gpu_name(0), "max_batch": max_batch,
             "strongly_typed": not weak_typing, "source_onnx": os.path.basename(onnx_path)}
-
-
-class TensorRTRunner:
-    """Runs a serialized engine on CUDA with torch-allocated buffers (enqueueV3 API, TensorRT 10/11)."""
-
-    def __init__(self, engine_path: str):
-        require_tensorrt()
-        import tensorrt as trt
-        import torch
-
-        self.torch = torch
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        with open(engine_path, "rb") as f:
-            self.engine = self.runtime.deserialize_cuda_engine(f.read())
-        if self.engine is None:
-            raise ExportError(f"{engine_path}: TensorRT could not deserialize the engine")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-        self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        self.max_batch = int(self.engine.get_tensor_profile_shape(self.input, 0)[2][0])
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        torch = self.torch
-        outs = []
-        for s in range(0, len(batch), self.max_batch):
-            x = torch.from_numpy(np.ascontiguousarray(batch[s:s + self.max_batch], np.float32)).cuda()
-            self.context.set_input_shape(self.input, tuple(x.shape))
-            y = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=torch.float32, device="cuda")
-            self.context.set_tensor_address(self.input, x.data_ptr())
-            self.context.set_tensor_address(self.output, y.data_ptr())
-            stream = torch.cuda.current_stream()
-            if not self.context.execute_async_v3(stream.cuda_stream):
-                raise ExportError("TensorRT inference failed")
-            stream.synchronize()
-            outs.append(y.cpu().numpy())
-        return np.concatenate(outs)
-
-
-def runtime_hints(precision: str) -> dict[str, Any]:
-    return {}

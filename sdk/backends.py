@@ -31,13 +31,18 @@ from sdk.bundle import BACKENDS, BundleError, Manifest, Variant
 log = logging.getLogger(__name__)
 
 RUNTIME_ORDER = ("tensorrt", "openvino", "onnxruntime")
+# the names a person may type for each runtime (ibc-export --backend, ibc-retrieve --backend)
+BACKEND_ALIASES = {"onnx": "onnxruntime", "onnxruntime": "onnxruntime", "ort": "onnxruntime",
+                   "openvino": "openvino", "ov": "openvino", "tensorrt": "tensorrt", "trt": "tensorrt"}
+# OpenVINO's INFERENCE_PRECISION_HINT for each float precision: without one its CPU plugin runs an
+# fp32 model in bf16 on CPUs with AVX-512-bf16/AMX, which is not what the parity gate measured
+OPENVINO_PRECISION_HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
 # Without a measured throughput, the usual speed order of precisions on each runtime (fastest first).
 PRECISION_SPEED = {
     "tensorrt": ("int8", "fp16", "bf16", "fp32"),
     "openvino": ("int8", "bf16", "fp16", "fp32"),  # CPU: fp16 IR runs as f32/bf16 anyway
     "onnxruntime": ("int8", "fp32", "bf16", "fp16"),  # CPU EP: fp16 falls back to slow casts
 }
-THROUGHPUT_KEYS = ("images_per_s", "throughput", "throughput_ips")
 
 
 class BackendError(IbcError, RuntimeError):
@@ -59,6 +64,19 @@ def _cudart():
     except ImportError:
         from cuda import cudart  # type: ignore
     return cudart
+
+
+def nvidia_gpu_name(index: int = 0) -> str:
+    """The GPU's name as CUDA reports it (engines are specific to it), or "unknown GPU"."""
+    try:
+        cudart = _cudart()
+        err, prop = cudart.cudaGetDeviceProperties(index)
+        if err != cudart.cudaError_t.cudaSuccess:
+            return "unknown GPU"
+        name = prop.name
+        return (name.decode(errors="replace") if isinstance(name, bytes) else str(name)).rstrip("\x00")
+    except Exception:  # noqa: BLE001 - a name is only for notes
+        return "unknown GPU"
 
 
 def nvidia_gpu_count() -> int:
@@ -87,6 +105,24 @@ def runtime_status(backend: str) -> tuple[bool, str]:
     return False, f"unknown backend {backend!r}"
 
 
+def runtime_hints(backend: str, precision: str, *, float_precision: str = "f32", max_batch: int | None = None) -> dict:
+    """The ``runtime_hints`` a variant carries in the manifest: the exporter writes them, the parity
+    gate measures under them and the runners below apply them (missing ones default to these).
+
+    OpenVINO: the ``INFERENCE_PRECISION_HINT`` of its precision (int8: of the layers left in float,
+    ``float_precision``). TensorRT: the engine's largest batch. ONNX Runtime: none.
+    """
+    if backend == "openvino":
+        if precision == "int8":
+            return {"INFERENCE_PRECISION_HINT": float_precision}
+        if precision not in OPENVINO_PRECISION_HINTS:
+            raise BackendError(f"OpenVINO has no {precision!r} variant; choose from fp32, fp16, bf16, int8")
+        return {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISION_HINTS[precision]}
+    if backend == "tensorrt":
+        return {"max_batch": int(max_batch)} if max_batch else {}
+    return {}
+
+
 # ------------------------------------------------------------------------------------- planning
 @dataclass
 class Candidate:
@@ -95,7 +131,8 @@ class Candidate:
 
 
 def _speed_key(v: Variant) -> tuple:
-    measured = next((v.parity.get(k) for k in THROUGHPUT_KEYS if isinstance(v.parity.get(k), (int, float))), None)
+    measured = v.parity.get("images_per_s")  # what the exporter's parity gate measured
+    measured = measured if isinstance(measured, (int, float)) and not isinstance(measured, bool) else None
     order = PRECISION_SPEED.get(v.backend, ())
     rank = order.index(v.precision) if v.precision in order else len(order)
     return (0, -float(measured)) if measured is not None else (1, rank)
@@ -178,6 +215,11 @@ class Runner:
     def run(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
+    @property
+    def output_dim(self) -> int | None:
+        """The embedding width the loaded model declares (None when its last axis is dynamic)."""
+        return None
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.run(batch)
 
@@ -240,6 +282,11 @@ class OnnxRuntimeRunner(Runner):
             raise BackendError(f"onnxruntime failed on a batch of shape {batch.shape}: {e}") from None
         return np.asarray(out, dtype=np.float32)
 
+    @property
+    def output_dim(self) -> int | None:
+        shape = next(o.shape for o in self.session.get_outputs() if o.name == self.output_name)
+        return _static_last(shape)
+
     def describe(self) -> dict:
         return {**super().describe(), "providers": self.session.get_providers(), "version": self.version}
 
@@ -261,8 +308,8 @@ class OpenVINORunner(Runner):
         import openvino as ov
 
         config = {k: v for k, v in self.hints.items() if k != "device"}
-        if self.precision == "fp32":
-            config.setdefault("INFERENCE_PRECISION_HINT", "f32")
+        for key, value in runtime_hints("openvino", self.precision).items():  # e.g. fp32 runs in f32, not bf16
+            config.setdefault(key, value)
         if self.threads:
             config.setdefault("INFERENCE_NUM_THREADS", int(self.threads))
         device = str(self.hints.get("device", "CPU"))
@@ -298,18 +345,78 @@ class OpenVINORunner(Runner):
         except Exception as e:
             raise BackendError(f"openvino failed on a batch of shape {batch.shape}: {e}") from None
 
+    @property
+    def output_dim(self) -> int | None:
+        shape = self._output.get_partial_shape()
+        last = shape[shape.rank.get_length() - 1] if shape.rank.is_static and shape.rank.get_length() else None
+        return int(last.get_length()) if last is not None and last.is_static else None
+
     def describe(self) -> dict:
         return {**super().describe(), "device": self.device, "config": self.config,
                 "inference_precision": self.effective_precision, "version": self.version}
 
 
+def tensorrt_major(trt) -> int:
+    return int(str(trt.__version__).split(".")[0])
+
+
+def build_tensorrt_engine(onnx_bytes: bytes, precision: str, *, where: str, max_batch: int = 64,
+                          opt_batch: int | None = None, workspace_bytes: int = 2 << 30, weak_typing: bool = False,
+                          logger=None) -> bytes:
+    """The one TensorRT build path (the exporter's engines and the SDK's ``.onnx`` variants): a
+    serialised engine with a dynamic batch profile 1..``max_batch``.
+
+    Strongly typed by default: the ONNX carries its precision (an fp16 ONNX for fp16, Q/DQ nodes
+    for int8). TensorRT 11 is always strongly typed and has no ``BuilderFlag.FP16`` / ``INT8`` /
+    ``BF16`` any more; on TensorRT 10 the network is created with ``STRONGLY_TYPED``, and
+    ``weak_typing=True`` keeps 10's builder flags for an fp32 ONNX (refused on 11).
+    """
+    import tensorrt as trt
+
+    major = tensorrt_major(trt)
+    if weak_typing and major >= 11:
+        raise BackendError(f"{where}: TensorRT {trt.__version__} has no weakly typed builder flags; "
+                           "build from an fp16 / Q/DQ ONNX instead")
+    logger = logger or trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if not weak_typing and major < 11:  # 11: strong typing always on (the flag is deprecated, ignored)
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_bytes):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BackendError(f"tensorrt cannot parse {where}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    if weak_typing:  # TensorRT 10 only (checked above)
+        flag = {"fp16": "FP16", "bf16": "BF16", "int8": "INT8"}.get(precision)
+        if flag:
+            config.set_flag(getattr(trt.BuilderFlag, flag))
+        if precision == "int8":
+            config.set_flag(trt.BuilderFlag.FP16)  # int8 layers' neighbours may run fp16; scales from Q/DQ
+    inp = network.get_input(0)
+    shape = list(inp.shape)[1:]
+    if any(int(d) < 0 for d in shape):
+        raise BackendError(f"{where}: TensorRT needs a static input shape apart from the batch, got {list(inp.shape)}")
+    opt = min(opt_batch or max(1, max_batch // 2), max_batch)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(inp.name, [1, *shape], [opt, *shape], [max_batch, *shape])
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BackendError(f"tensorrt failed to build an engine from {where} (see the TensorRT log above)")
+    return bytes(serialized)
+
+
 class TensorRTRunner(Runner):
-    """TensorRT 10 engine on an NVIDIA GPU (name-based I/O API, ``execute_async_v3``).
+    """TensorRT 10 / 11 engine on an NVIDIA GPU (name-based I/O API, ``execute_async_v3``).
 
     Reads a serialised engine (``.engine`` / ``.plan``, built for this GPU and TensorRT version)
-    or builds one from ``.onnx`` with the variant's precision (cached under
+    or builds one from ``.onnx`` through :func:`build_tensorrt_engine` (cached under
     ``~/.cache/ibc/tensorrt``). Buffers go through cuda-python. Hints: ``max_batch`` (default 64),
-    ``workspace_mb``. ``run`` is serialised by a lock (one execution context).
+    ``workspace_mb``, ``weak_typing`` (TensorRT 10 only). ``run`` is serialised by a lock (one
+    execution context). The exporter's parity gate measures engines through this class.
     """
 
     backend = "tensorrt"
@@ -356,35 +463,16 @@ class TensorRTRunner(Runner):
         trt = self.trt
         with open(path, "rb") as f:
             onnx_bytes = f.read()
-        key = hashlib.sha256(onnx_bytes + f"{self.precision}-{self.max_batch}-{trt.__version__}".encode()).hexdigest()
+        weak = bool(self.hints.get("weak_typing", False))
+        key = hashlib.sha256(onnx_bytes + f"{self.precision}-{self.max_batch}-{weak}-{trt.__version__}".encode()
+                             ).hexdigest()
         cache = os.path.join(os.path.expanduser("~/.cache/ibc/tensorrt"), key[:32] + ".engine")
         if os.path.isfile(cache):
             with open(cache, "rb") as f:
                 return f.read()
-        builder = trt.Builder(self.logger)
-        network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-        parser = trt.OnnxParser(network, self.logger)
-        if not parser.parse(onnx_bytes):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise BackendError(f"tensorrt cannot parse {path}: {errors}")
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(self.hints.get("workspace_mb", 2048)) << 20)
-        if self.precision == "fp16":
-            config.set_flag(trt.BuilderFlag.FP16)
-        elif self.precision == "bf16":
-            config.set_flag(trt.BuilderFlag.BF16)
-        elif self.precision == "int8":
-            config.set_flag(trt.BuilderFlag.INT8)  # explicit quantisation: the ONNX carries Q/DQ nodes
-        inp = network.get_input(0)
-        shape = list(inp.shape)
-        profile = builder.create_optimization_profile()
-        lo, opt, hi = ([b] + shape[1:] for b in (1, max(1, self.max_batch // 2), self.max_batch))
-        profile.set_shape(inp.name, lo, opt, hi)
-        config.add_optimization_profile(profile)
-        serialized = builder.build_serialized_network(network, config)
-        if serialized is None:
-            raise BackendError(f"tensorrt failed to build an engine from {path}")
-        data = bytes(serialized)
+        data = build_tensorrt_engine(onnx_bytes, self.precision, where=path, max_batch=self.max_batch,
+                                     workspace_bytes=int(self.hints.get("workspace_mb", 2048)) << 20,
+                                     weak_typing=weak, logger=self.logger)
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         tmp = cache + f".tmp{os.getpid()}"
         with open(tmp, "wb") as f:
@@ -425,6 +513,10 @@ class TensorRTRunner(Runner):
                 outs.append(y.astype(np.float32))
         return np.concatenate(outs)
 
+    @property
+    def output_dim(self) -> int | None:
+        return _static_last(tuple(self.engine.get_tensor_shape(self.output_name)))
+
     def describe(self) -> dict:
         return {**super().describe(), "max_batch": self.max_batch, "version": self.version}
 
@@ -437,15 +529,27 @@ class TensorRTRunner(Runner):
 RUNNERS = {"onnxruntime": OnnxRuntimeRunner, "openvino": OpenVINORunner, "tensorrt": TensorRTRunner}
 
 
+def _static_last(shape) -> int | None:
+    last = shape[-1] if len(shape) else None
+    return int(last) if isinstance(last, (int, np.integer)) and not isinstance(last, bool) and last > 0 else None
+
+
 def open_runner(bundle_dir: str, manifest: Manifest, variant: Variant, threads: int | None = None) -> Runner:
-    """Load ``variant`` of the bundle in its runtime."""
+    """Load ``variant`` of the bundle in its runtime; refuse a model whose output width is not the manifest's."""
     cls = RUNNERS.get(variant.backend)
     if cls is None:
         raise BackendError(f"no runner for backend {variant.backend!r}")
     path = os.path.join(os.fspath(bundle_dir), *variant.main_file.path.split("/"))
-    return cls(path, input_name=manifest.input.name, output_name=manifest.output_name, precision=variant.precision,
-               hints=variant.runtime_hints, threads=threads)
+    runner = cls(path, input_name=manifest.input.name, output_name=manifest.output_name, precision=variant.precision,
+                 hints=variant.runtime_hints, threads=threads)
+    dim = runner.output_dim
+    if dim is not None and dim != manifest.embedding_dim:
+        runner.close()
+        raise BundleError(f"{path}: the model outputs {dim}-d embeddings but the manifest says embedding_dim "
+                          f"{manifest.embedding_dim} (variant {variant.name!r})")
+    return runner
 
 
 __all__ = ["BackendError", "Candidate", "Runner", "OnnxRuntimeRunner", "OpenVINORunner", "TensorRTRunner", "plan",
-           "open_runner", "runtime_status", "RUNTIME_ORDER", "PRECISION_SPEED"]
+           "open_runner", "runtime_status", "runtime_hints", "build_tensorrt_engine", "nvidia_gpu_name",
+           "RUNTIME_ORDER", "PRECISION_SPEED", "BACKEND_ALIASES", "OPENVINO_PRECISION_HINTS"]

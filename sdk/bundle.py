@@ -107,6 +107,9 @@ class Manifest:
                     raise BundleError(f"{where}: variant {variant.name!r} has a bad backend, precision or no files")
                 variants.append(variant)
             rest = {k: v for k, v in d.items() if k not in ("variants", "preprocess", "input")}
+            dim = d.get("embedding_dim")
+            if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
+                raise BundleError(f"{where}: embedding_dim must be a positive integer, got {dim!r}")
             return cls(
                 preprocess=PreprocessConfig.from_dict(d["preprocess"]),
                 input=InputSpec(**d.get("input", {})),

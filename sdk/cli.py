@@ -1,12 +1,18 @@
 """``ibc-retrieve``: index a folder of images with a bundle, query the saved catalogue, inspect either.
 
-    ibc-retrieve index BUNDLE IMAGES_DIR --out catalog/
+    ibc-retrieve index BUNDLE IMAGES_DIR --out catalog/ [--dataset cub|cars|sop|inshop|omniglot|folder]
     ibc-retrieve query catalog/ query1.jpg query2.jpg -k 5 [--grid hits.png] [--json]
     ibc-retrieve info BUNDLE_OR_CATALOG
 
-Ids are the image paths relative to IMAGES_DIR; metadata holds the absolute path and the label
-(the first folder under IMAGES_DIR, as in an image-folder layout). Errors are one line, no
-traceback (``-v`` shows logging).
+Ids are the image paths relative to IMAGES_DIR (bytes that are not UTF-8 written as ``\\xNN``);
+metadata holds the absolute path and the label (the first folder under IMAGES_DIR, as in an
+image-folder layout, or with ``--dataset`` the class of that dataset layout, read as the trainer
+reads it). Symlinked folders are followed, each real folder once.
+
+Exit codes: 0 done; 1 bad input or a failed step (one line ``Error: ...`` on stderr naming the
+file or key; nothing written), including a folder where no image could be read; 2 usage error.
+Unreadable images are skipped with one ``skipped PATH: reason`` line each (``--on-error raise``:
+the first one stops the run). ``-v`` shows logging.
 """
 
 from __future__ import annotations
@@ -21,29 +27,63 @@ from pathlib import Path
 
 import click
 
+from sdk.backends import RUNTIME_ORDER
+from sdk.bundle import PRECISIONS
+from sdk.cli_errors import OneLineGroup, one_line
+
+log = logging.getLogger("sdk.cli")
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
+EXIT_ERROR = 1  # bad input or a failed step: one line "Error: ..." on stderr naming the file or key
+
+
 def _friendly(fn):
-    """Turn the SDK's expected errors into a one-line ``Error: ...`` and exit status 1."""
+    """Turn every expected error (:class:`sdk.errors.IbcError`, and the OS's file errors) into one line
+    ``Error: ...`` and exit status 1; anything else is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from sdk.backends import BackendError
+        from sdk.errors import IbcError
 
         try:
             return fn(*args, **kwargs)
-        except (ValueError, BackendError, FileExistsError, FileNotFoundError, PermissionError) as e:
-            raise click.ClickException(str(e)) from None
+        except (IbcError, ValueError, OSError) as e:
+            raise click.ClickException(one_line(e)) from None
 
     return wrapper
 
 
+def display_path(path: str | os.PathLike) -> str:
+    """A path as UTF-8-safe text: bytes that are not UTF-8 (a Latin-1 file name) become ``\\xNN``.
+
+    Ids and metadata are stored as JSON text, which cannot hold the surrogates Python uses for them.
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def find_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files under ``folder`` (recursive, sorted, hidden entries skipped)."""
+    """Image files under ``folder`` (recursive, sorted, hidden entries skipped).
+
+    Symlinked folders are followed (as the trainer does), each real folder once, so a link
+    back up the tree cannot loop.
+    """
     root = Path(folder)
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # reached again through a link: a loop or a duplicate
+            log.warning("%s: already indexed through another path (symbolic link loop?); not entered again",
+                        display_path(dirpath))
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
@@ -51,7 +91,24 @@ def find_images(folder: str | os.PathLike) -> list[Path]:
     return out
 
 
-@click.group()
+def dataset_images(root: str, dataset: str, split: str) -> tuple[list[str], list[str]]:
+    """(image paths, class names) of a standard dataset layout, read as the trainer reads it."""
+    from sdk.datasets import split_classes
+
+    config = {"dataset": dataset, "root": root, "val_fraction": 0.0}
+    splits = split_classes(config)
+    names = ("train", "test") if split == "all" else (split,)
+    if split not in ("all", *splits):
+        raise click.ClickException(f"--split {split}: {dataset} has the splits {', '.join(sorted(splits))} (or all)")
+    paths, labels = [], []
+    for name in names:
+        for cls, files in splits[name]:
+            paths += files
+            labels += [cls] * len(files)
+    return paths, labels
+
+
+@click.group(cls=OneLineGroup)
 @click.option("-v", "--verbose", count=True, help="-v: info logging, -vv: debug.")
 def main(verbose: int) -> None:
     """Embed images with an exported ibc bundle and search them (no torch needed)."""
@@ -59,10 +116,8 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-_backend = click.option("--backend", default="auto", show_default=True,
-                        type=click.Choice(["auto", "tensorrt", "openvino", "onnxruntime"]))
-_precision = click.option("--precision", default="auto", show_default=True,
-                          type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]))
+_backend = click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", *RUNTIME_ORDER]))
+_precision = click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", *PRECISIONS]))
 _threads = click.option("--threads", type=int, default=None, help="Runtime threads (default: the runtime's).")
 
 
@@ -70,6 +125,10 @@ _threads = click.option("--threads", type=int, default=None, help="Runtime threa
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.argument("images_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Catalogue directory to write.")
+@click.option("--dataset", type=click.Choice(["folder", "cub", "cars", "sop", "inshop", "omniglot"]), default=None,
+              help="Read IMAGES_DIR as this dataset layout (as ibc-train does); labels are its class names.")
+@click.option("--split", default="all", show_default=True,
+              help="With --dataset: train, test (In-Shop also query, gallery) or all (train + test).")
 @click.option("--index", "index_kind", default="auto", show_default=True,
               type=click.Choice(["auto", "flat", "hnsw", "ivfpq"]))
 @click.option("--hnsw-dims", type=click.IntRange(min=1), default=None,
@@ -82,30 +141,40 @@ _threads = click.option("--threads", type=int, default=None, help="Runtime threa
               help="skip: index the readable images and list the others; raise: stop, write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing catalogue at --out.")
 @_friendly
-def index_cmd(bundle, images_dir, out, index_kind, hnsw_dims, backend, precision, threads, batch_size, on_error,
-              overwrite):
+def index_cmd(bundle, images_dir, out, dataset, split, index_kind, hnsw_dims, backend, precision, threads, batch_size,
+              on_error, overwrite):
     """Embed every image under IMAGES_DIR with BUNDLE and save a catalogue to --out."""
     from sdk.retriever import Retriever
 
     if os.path.exists(out) and not overwrite:
         raise click.ClickException(f"{out} already exists (use --overwrite to replace it)")
-    files = find_images(images_dir)
+    root = Path(images_dir)
+    if dataset:
+        paths, labels = dataset_images(images_dir, dataset, split)
+        files = [Path(p) for p in paths]
+    else:
+        files = find_images(images_dir)
+        labels = None
     if not files:
         raise click.ClickException(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {images_dir}")
-    root = Path(images_dir)
-    ids = [f.relative_to(root).as_posix() for f in files]
-    meta = [{"path": str(f.resolve()), "label": (Path(i).parts[0] if len(Path(i).parts) > 1 else None)}
-            for f, i in zip(files, ids)]
+    rel = [Path(os.path.relpath(f, root)) for f in files]
+    ids = [display_path(r.as_posix()) for r in rel]
+    if labels is None:
+        labels = [display_path(r.parts[0]) if len(r.parts) > 1 else None for r in rel]
+    meta = [{"path": display_path(os.path.abspath(f)), "label": label} for f, label in zip(files, labels)]
     t0 = time.perf_counter()
     with Retriever.from_bundle(bundle, backend=backend, precision=precision, threads=threads,
                                index=index_kind, hnsw_dims=hnsw_dims) as r:
         click.echo(f"model: {r.variant.name} ({r.info()['reason']}); {len(files)} images", err=True)
         report = r.add(files, ids=ids, metadata=meta, on_error=on_error, batch_size=batch_size,
                        progress=sys.stderr.isatty())
+        for pos, source, reason in report.skipped:
+            click.echo(f"skipped {display_path(files[pos])}: {reason}", err=True)
+        if not report.ids:
+            raise click.ClickException(f"none of the {len(files)} images under {images_dir} could be read "
+                                       f"(see the lines above); nothing written to {out}")
         r.save(out, overwrite=True)
         dt = time.perf_counter() - t0
-        for pos, source, reason in report.skipped:
-            click.echo(f"skipped {source}: {reason}", err=True)
         click.echo(f"indexed {len(report.ids)} images ({len(report.skipped)} skipped) into {out} "
                    f"[{r.catalog.kind} index, {len(report.ids) / max(dt, 1e-9):.1f} images/s]")
 
@@ -154,13 +223,16 @@ def query_cmd(catalog, images, k, bundle, threshold, ef_search, nprobe, backend,
 @_friendly
 def info_cmd(path):
     """Describe a bundle (variants, parity) or a catalogue (size, index, model)."""
+    from sdk.backends import open_runner, runtime_status
     from sdk.bundle import MANIFEST_NAME, load_manifest
     from sdk.catalog import Catalog
 
     if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
-        m = load_manifest(path)
+        m = load_manifest(path)  # every file's SHA-256
         click.echo(f"bundle {path}: dim {m.embedding_dim}, input {m.input.name} {m.input.shape}, digest {m.digest()[:12]}")
         for v in m.variants:
+            if runtime_status(v.backend)[0]:  # the model's own output width must be the manifest's
+                open_runner(path, m, v).close()
             p = v.parity
             r1 = (p.get("metrics") or {}).get("recall@1")
             facts = [f"R@1 {100 * r1:.2f}" if isinstance(r1, (int, float)) else None,
@@ -168,6 +240,7 @@ def info_cmd(path):
                      f"{p['images_per_s']:.0f} img/s" if isinstance(p.get("images_per_s"), (int, float)) else None]
             click.echo(f"  {v.name:24s} {'passed' if v.passed else 'FAILED'}  " + ", ".join(f for f in facts if f))
     else:
+        Catalog.load(path)  # every file's SHA-256 and the index itself, not only the header
         h = Catalog.read_header(path)
         model = h.get("model") or {}
         click.echo(f"catalogue {path}: {h['entries']} entries, dim {h['dim']}, index {h['index']}, "

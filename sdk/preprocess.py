@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from sdk.errors import IbcError
 
+import errno
 import io
 import os
 import warnings
@@ -32,6 +33,7 @@ _INTERPOLATIONS = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
+INTERPOLATIONS = tuple(_INTERPOLATIONS)  # what evaluation and training augmentation both accept
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default bomb threshold
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
@@ -158,7 +160,7 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         elif isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
             if not os.path.exists(path):
-                raise ImageError(source, "no such file")
+                raise ImageError(source, _why_missing(path))
             if os.path.isdir(path):
                 raise ImageError(source, "is a directory, not an image file")
             if os.path.getsize(path) == 0:
@@ -186,6 +188,20 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         raise ImageError(source, f"unreadable or truncated image data ({e})") from None
 
 
+def _why_missing(path: str) -> str:
+    """Why ``os.path.exists`` said no: a symlink loop and a dangling link are not 'no such file'."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if os.path.islink(path):
+            return f"dangling symbolic link (to {os.readlink(path)!r})"
+        if e.errno == errno.EACCES:
+            return "permission denied"
+    return "no such file"
+
+
 def resized_size(width: int, height: int, short: int) -> tuple[int, int]:
     """(w, h) after resizing the shorter side to ``short``, as torchvision computes it."""
     if width <= height:
@@ -200,9 +216,19 @@ def center_crop_box(width: int, height: int, crop: int) -> tuple[int, int, int, 
     return left, top, left + crop, top + crop
 
 
-def resize_and_crop(img: Image.Image, config: PreprocessConfig) -> Image.Image:
-    """Shorter side to ``config.resize``, then centre crop (zero padding if the image is smaller)."""
+def resize_and_crop(img: Image.Image, config: PreprocessConfig, source: Any = None) -> Image.Image:
+    """Shorter side to ``config.resize``, then centre crop (zero padding if the image is smaller).
+
+    A resize that would exceed ``config.max_pixels`` is an :class:`ImageError` naming ``source``.
+    """
     w, h = resized_size(*img.size, config.resize)
+    # the budget bounds what resizing allocates too: a 1x100000 strip is 100k pixels decoded but
+    # 146 x 14.6M after its short side is resized to 146 (the padded canvas is bounded the same way)
+    need = max(w, config.crop) * max(h, config.crop)
+    if need > config.max_pixels:
+        raise ImageError(source if source is not None else img,
+                         f"{img.size[0]}x{img.size[1]} would be resized to {w}x{h} = {w * h} pixels, over the limit "
+                         f"of {config.max_pixels} (aspect ratio too extreme)")
     if (w, h) != img.size:
         img = img.resize((w, h), _INTERPOLATIONS[config.interpolation])
     if w < config.crop or h < config.crop:
@@ -226,7 +252,7 @@ def normalize(img: Image.Image, config: PreprocessConfig) -> np.ndarray:
 def preprocess_image(source: ImageSource, config: PreprocessConfig | None = None) -> np.ndarray:
     """One image (any supported source) -> the network's float32 input for it, without batch axis."""
     config = config or PreprocessConfig()
-    return normalize(resize_and_crop(load_image(source, config.max_pixels), config), config)
+    return normalize(resize_and_crop(load_image(source, config.max_pixels), config, source), config)
 
 
 def preprocess_batch(sources: Sequence[ImageSource], config: PreprocessConfig | None = None) -> np.ndarray:

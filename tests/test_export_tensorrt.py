@@ -51,7 +51,8 @@ def test_fp16_onnx_keeps_float_io_and_runs_in_onnxruntime(onnx_model):
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_engine_builds_and_matches(onnx_model, precision):
-    from export.tensorrt_export import TensorRTRunner, build_engine
+    from export.runners import tensorrt_runner
+    from export.tensorrt_export import build_engine
 
     work = onnx_model["work"]
     if precision == "int8":
@@ -60,9 +61,9 @@ def test_engine_builds_and_matches(onnx_model, precision):
     else:
         src = fp16_onnx(onnx_model["fp32"], str(work / "model.fp16.onnx"))
     engine = str(work / f"model.{precision}.plan")
-    info = build_engine(src, engine, precision, onnx_model["src"].image_size)
+    info = build_engine(src, engine, precision)
     assert info["strongly_typed"]
-    emb = TensorRTRunner(engine)(onnx_model["parity"].first(len(onnx_model["parity"])))
+    emb = tensorrt_runner(engine, precision=precision)(onnx_model["parity"].first(len(onnx_model["parity"])))
     assert (emb * onnx_model["ref"]).sum(1).mean() > (0.999 if precision == "fp16" else 0.97)
 
 

@@ -55,7 +55,7 @@ def test_run_folder_and_checkpoint_contract(folder, tmp_path):
     ckpt = torch.load(out / "best.pt", weights_only=True)  # plain containers only
     assert ckpt["config"]["preprocess"] == cfg.preprocess.to_dict()
     assert ckpt["config"]["data"]["dataset"] == "folder" and ckpt["config"]["data"]["root"] == str(folder)
-    for key in ("model_config", "model", "optimizer", "scheduler", "sampler", "rng", "epoch", "step", "metrics",
+    for key in ("model_config", "model", "optimizer", "sampler", "rng", "epoch", "step", "metrics",
                 "versions"):
         assert key in ckpt, key
     model = model_from_checkpoint(load_checkpoint(str(out / "last.pt")))

@@ -96,7 +96,7 @@ def evaluate_baseline(cfg: Config, *, out_dir: str | None = None, split: str = "
     if cfg.data.root:
         cfg.data.root = os.path.abspath(os.path.expanduser(cfg.data.root))
     dev = resolve_device(device)
-    channels_last = cfg.runtime.channels_last == "true" or (cfg.runtime.channels_last == "auto" and dev.type == "cuda")
+    channels_last = cfg.runtime.channels_last is True or (cfg.runtime.channels_last == "auto" and dev.type == "cuda")
     m = pretrained_baseline(cfg, split=split, device=dev, channels_last=channels_last, use_cache=use_cache)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)

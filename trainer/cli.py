@@ -18,6 +18,10 @@ import sys
 
 import click
 
+from sdk.cli_errors import OneLineCommand, one_line
+
+EXIT_BAD_INPUT = 2  # one line on stderr naming the file or key (README "Bad input"); 130: interrupted
+
 
 def _setup_logging(verbose: bool) -> None:
     rank = int(os.environ.get("RANK", "0"))
@@ -27,7 +31,7 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="YAML preset (configs/*.yaml). With --resume, defaults to OUT/config.yaml.")
 @click.option("--data-root", default=None, help="Dataset folder (overrides data.root).")
@@ -47,11 +51,10 @@ def main(config_path, data_root, out_dir, overrides, resume, eval_ckpt, baseline
     """Train Intra-Batch Connections (backbone + MPN) end to end, or evaluate a checkpoint."""
     _setup_logging(verbose)
     log = logging.getLogger("trainer")
-    from models.checkpoint import CheckpointError
+    from sdk.errors import IbcError
     from trainer.config import ConfigError, deep_merge, load_config, parse_override
-    from trainer.data import DataError
     from trainer.baseline import evaluate_baseline
-    from trainer.loop import TrainingError, evaluate_checkpoint, train
+    from trainer.loop import evaluate_checkpoint, train
 
     overrides = list(overrides)
     if seed is not None:
@@ -75,20 +78,20 @@ def main(config_path, data_root, out_dir, overrides, resume, eval_ckpt, baseline
             evaluate_baseline(load_config(config_path, overrides), out_dir=out_dir)
             return
         if not out_dir:
-            raise click.UsageError("--out is required for training")
+            raise ConfigError("--out is required for training")
         if resume and config_path is None:
             config_path = os.path.join(out_dir, "config.yaml")
             if not os.path.isfile(config_path):
-                raise click.UsageError(f"--resume: {config_path} not found; pass --config")
+                raise ConfigError(f"--resume: {config_path} not found (no run to resume there); pass --config")
         if data_root:
             overrides.append(f"data.root={data_root}")
         cfg = load_config(config_path, overrides)
         result = train(cfg, out_dir, resume=resume)
         if result.test_metrics:
             click.echo(f"run folder: {out_dir}  (best: {result.best_checkpoint})")
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
-        log.error("%s", e)
-        sys.exit(2)
+    except IbcError as e:  # every expected failure: bad config, data, checkpoint, image, missing weights
+        log.error("%s", one_line(e))
+        sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         log.error("interrupted; resume with: ibc-train --out %s --resume", out_dir)
         sys.exit(130)

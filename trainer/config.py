@@ -21,9 +21,9 @@ from typing import Any
 import yaml
 
 from models.ibc import ModelConfig, MPNConfig
-from sdk.preprocess import PreprocessConfig
+from sdk.datasets import DATASETS
+from sdk.preprocess import INTERPOLATIONS, PreprocessConfig
 
-DATASETS = ("cub", "cars", "sop", "inshop", "folder", "omniglot")
 log = logging.getLogger(__name__)
 
 
@@ -368,10 +368,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.epochs must be >= 1 and optim.lr > 0")
     if r.amp not in ("auto", "bf16", "fp16", "off"):
         raise ConfigError(f"runtime.amp must be auto, bf16, fp16 or off, got {r.amp!r}")
-    if isinstance(r.channels_last, bool):
-        r.channels_last = "true" if r.channels_last else "false"
-    if r.channels_last not in ("auto", "true", "false"):
+    if r.channels_last in ("true", "false"):  # a quoted YAML value: keep the field's type a bool
+        r.channels_last = r.channels_last == "true"
+    if not isinstance(r.channels_last, bool) and r.channels_last != "auto":
         raise ConfigError(f"runtime.channels_last must be auto, true or false, got {r.channels_last!r}")
+    if cfg.augment.interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"augment.interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                          f"got {cfg.augment.interpolation!r}")
     if cfg.loss.temperature <= 0:
         raise ConfigError("loss.temperature must be > 0")
     if not 0 <= cfg.loss.label_smoothing < 1:

@@ -51,11 +51,6 @@ def init_distributed(device_type: str) -> DistInfo:
     return DistInfo(rank, world, int(os.environ.get("LOCAL_RANK", rank)), group)
 
 
-def cleanup_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 class _AllGatherGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
@@ -84,14 +79,6 @@ def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     return _AllGatherGrad.apply(x, group)
 
 
-def all_gather_nograd(x: torch.Tensor, group=None) -> torch.Tensor:
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=0)
-
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -105,5 +92,4 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-__all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "all_gather_with_grad", "all_gather_nograd",
-           "barrier", "broadcast_object"]
+__all__ = ["DistInfo", "init_distributed", "all_gather_with_grad", "barrier", "broadcast_object"]

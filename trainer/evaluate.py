@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from sdk.datasets import default_ks  # noqa: F401  (re-exported: one definition, shared with the exporter)
 from sdk.preprocess import PreprocessConfig
 from trainer.transforms import EvalDataset, collate
 
@@ -99,11 +100,6 @@ def evaluate_items(model: Any, items: list[tuple[str, int]], preprocess_config, 
         return evaluate(q, ql, ks=ks, nmi=nmi, seed=seed)
     g, gl = embed_items(model, gallery, preprocess_config, batch_size, **embed_kw)
     return evaluate(q, ql, g, gl, ks=ks, nmi=nmi, seed=seed)
-
-
-def default_ks(dataset: str) -> tuple[int, ...]:
-    """The Recall@K the papers report for each dataset."""
-    return {"sop": (1, 10, 100, 1000), "inshop": (1, 10, 20, 30, 40, 50)}.get(dataset, (1, 2, 4, 8))
 
 
 __all__ = ["embed_items", "evaluate_items", "default_ks"]

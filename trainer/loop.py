@@ -257,6 +257,10 @@ def train(config: Config | dict, out_dir: str, *, resume: bool = False) -> Train
     """Train backbone + MPN end to end; evaluate on the test classes at the end (see the module doc)."""
     cfg = config if isinstance(config, Config) else Config.from_dict(config)
     rt, dc, oc = cfg.runtime, cfg.data, cfg.optim
+    last = os.path.join(out_dir, "last.pt")
+    if resume and not os.path.isfile(last):  # never silently replace a run's history with a new run
+        what = "is a directory, not a checkpoint" if os.path.isdir(last) else "does not exist"
+        raise TrainingError(f"--resume: {last} {what}; nothing to resume (drop --resume to start a new run)")
     device = resolve_device(rt.device)
     dist_info = D.init_distributed(device.type)
     if device.type == "cuda" and dist_info.enabled:
@@ -310,7 +314,7 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
 
     # ---- model, optimiser
     model = IBCModel(cfg.model).to(device)
-    channels_last = rt.channels_last == "true" or (rt.channels_last == "auto" and device.type == "cuda")
+    channels_last = rt.channels_last is True or (rt.channels_last == "auto" and device.type == "cuda")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ft = cfg.finetune
@@ -327,7 +331,7 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
     epoch_stats = {"loss": 0.0, "loss_backbone": 0.0, "loss_mpn": 0.0, "n": 0, "images": 0, "time": 0.0}
     train_time = 0.0
 
-    if resume and os.path.isfile(last_path):
+    if resume:
         ckpt = load_checkpoint(last_path)
         check_architecture(ckpt, cfg.model, where=last_path)
         load_model_state(model, ckpt["model"], where=last_path)
@@ -337,7 +341,10 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
             raise CheckpointError(f"{last_path}: its optimiser state does not fit this run ({e})") from None
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        sampler.load_state_dict(ckpt["sampler"])
+        try:
+            sampler.load_state_dict(ckpt["sampler"])
+        except ValueError as e:  # another P x K than the run was started with
+            raise TrainingError(f"--resume: {last_path}: {e}; resume with the run's sampler settings") from None
         set_rng_state(ckpt["rng"])
         epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
         best_value = ckpt.get("best_value")
@@ -352,8 +359,6 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
                 for r in history:
                     f.write(json.dumps(r) + "\n")
     else:
-        if resume and main:
-            log.warning("--resume: no %s yet, starting a new run", last_path)
         if main and os.path.exists(metrics_path):
             os.remove(metrics_path)
 
@@ -380,7 +385,6 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
             "model": model.state_dict(),
             "config": cfg.to_dict(),
             "optimizer": optimizer.state_dict(),
-            "scheduler": {"schedule": oc.schedule, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"]},
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
             "sampler": sampler.state_dict(),
             "rng": rng_state(),
@@ -617,16 +621,43 @@ def _split_items(dc, split: str) -> tuple[list, list | None]:
     return dataset_items(dc, split), None
 
 
+EVAL_OVERRIDABLE = {"data": None, "preprocess": None,
+                    "runtime": ("seed", "progress", "threads", "eval_batch_size", "device", "nmi")}
+
+
+def _check_eval_overrides(overrides: dict) -> None:
+    """Evaluation honours data, preprocess and a few runtime keys; anything else (the model is the
+    checkpoint's own) is refused rather than silently ignored."""
+    from trainer.config import ConfigError
+
+    for section, value in overrides.items():
+        if section not in EVAL_OVERRIDABLE:
+            key = f"{section}.{next(iter(value))}" if isinstance(value, dict) and value else section
+            raise ConfigError(f"--eval-only evaluates the checkpoint's own model and training is not run: "
+                              f"{key} cannot be overridden (only data.*, preprocess.*, "
+                              f"runtime.{{{','.join(EVAL_OVERRIDABLE['runtime'])}}})")
+        allowed = EVAL_OVERRIDABLE[section]
+        for key in (value if isinstance(value, dict) and allowed else ()):
+            if key not in allowed:
+                raise ConfigError(f"--eval-only: runtime.{key} has no effect on evaluation; "
+                                  f"only runtime.{{{','.join(allowed)}}} can be overridden")
+
+
 def evaluate_checkpoint(path: str, *, data_root: str | None = None, overrides: dict | None = None,
                         split: str = "test", out_dir: str | None = None, batch_size: int = 128,
                         num_workers: int | None = None, device: str = "auto", nmi: bool = True) -> dict:
     """Re-evaluate a checkpoint on ``split`` with the data and preprocessing config it was trained with."""
     from trainer.config import deep_merge
 
+    _check_eval_overrides(overrides or {})
     ckpt = load_checkpoint(path)
     cfg_d = dict(ckpt.get("config") or {})
     if overrides:
         cfg_d = deep_merge(cfg_d, overrides)
+        given = overrides.get("runtime") or {}
+        batch_size = int(given.get("eval_batch_size", batch_size))
+        device = str(given.get("device", device))
+        nmi = bool(given.get("nmi", nmi))
     if data_root:
         cfg_d = deep_merge(cfg_d, {"data": {"root": data_root}})
     cfg = Config.from_dict(cfg_d)

@@ -25,7 +25,7 @@ from sdk.preprocess import ImageError, PreprocessConfig, load_image, preprocess_
 log = logging.getLogger(__name__)
 
 _INTERP = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
-           "nearest": T.InterpolationMode.NEAREST}
+           "nearest": T.InterpolationMode.NEAREST, "lanczos": T.InterpolationMode.LANCZOS}  # on PIL images
 
 
 class BadImageError(IbcError, RuntimeError):
