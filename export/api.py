@@ -352,13 +352,13 @@ def export_bundle(
         raise ExportError(f"{out} already exists; pass --overwrite to replace it")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ExportError(f"{out} exists and is not a bundle directory; refusing to replace it")
-    plan, skipped = resolve_plan(backends, precisions)
-    for name, why in skipped:
-        log.info("skipping %s: %s", name, why)
-    try:
+    try:  # cheap checks first: resolving the plan imports the quantizers
         tolerances = parse_tolerance(tolerance)
     except ValueError as e:
         raise ExportError(str(e)) from None
+    plan, skipped = resolve_plan(backends, precisions)
+    for name, why in skipped:
+        log.info("skipping %s: %s", name, why)
     ort_int8 = ort_int8 or OrtInt8Options()
     ov_int8 = ov_int8 or OvInt8Options()
     source = load_source(checkpoint, data_root=data_root)

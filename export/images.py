@@ -22,11 +22,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from export.errors import DataSetError
+from sdk.datasets import IMAGE_EXTENSIONS
 from sdk.preprocess import ImageError, PreprocessConfig, preprocess_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 MAX_REPORTED_BAD = 5
 
 

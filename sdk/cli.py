@@ -30,11 +30,9 @@ import click
 from sdk.backends import RUNTIME_ORDER
 from sdk.bundle import PRECISIONS
 from sdk.cli_errors import OneLineGroup, one_line
+from sdk.datasets import DATASETS, IMAGE_EXTENSIONS
 
 log = logging.getLogger("sdk.cli")
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-
 
 EXIT_ERROR = 1  # bad input or a failed step: one line "Error: ..." on stderr naming the file or key
 
@@ -125,7 +123,7 @@ _threads = click.option("--threads", type=int, default=None, help="Runtime threa
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.argument("images_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Catalogue directory to write.")
-@click.option("--dataset", type=click.Choice(["folder", "cub", "cars", "sop", "inshop", "omniglot"]), default=None,
+@click.option("--dataset", type=click.Choice(DATASETS), default=None,
               help="Read IMAGES_DIR as this dataset layout (as ibc-train does); labels are its class names.")
 @click.option("--split", default="all", show_default=True,
               help="With --dataset: train, test (In-Shop also query, gallery) or all (train + test).")
