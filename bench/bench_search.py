@@ -210,7 +210,7 @@ def run_vectors(name: str, db: np.ndarray, q: np.ndarray, k: int, args) -> dict:
         cat, secs, mem = build_catalog("ivfpq", db, nlist=nlist, pq_m=args.pq_m or None,
                                        train_size=args.ivf_train or None)
         rows = sweep(cat, q, truth, k, "nprobe", args.nprobe, args.repeat)
-        ivf = cat._index
+        ivf = cat.index.faiss_index
         res["indexes"]["ivfpq"] = {"build_s": secs, "mem_bytes": mem, "sweep": rows,
                                    "params": f"nlist={ivf.nlist}, PQ{ivf.pq.M}x{ivf.pq.nbits}"}
         del cat, ivf

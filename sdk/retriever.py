@@ -325,13 +325,8 @@ class Retriever:
             meta_list = [metadata] if isinstance(metadata, dict) else list(metadata)
             if len(meta_list) != n:
                 raise CatalogError(f"got {len(meta_list)} metadata entries for {n} items")
-        if id_list is not None:  # refuse bad / duplicate ids before spending time embedding
-            self.catalog._check_new_ids(id_list, n)
-            taken = [u for u in id_list if u in self.catalog]
-            if taken:
-                from sdk.catalog import DuplicateIdError
-
-                raise DuplicateIdError(f"ids already in the catalogue: {taken[:5]} (remove them first to replace)")
+        if id_list is not None:  # refuse bad / duplicate / taken ids before spending time embedding
+            self.catalog.check_new_ids(id_list, n)
         vecs, kept, skipped = self._vectors_of(data, batch_size, on_error, progress)
         sub_ids = None if id_list is None else [id_list[i] for i in kept]
         sub_meta = None if meta_list is None else [meta_list[i] for i in kept]
