@@ -197,10 +197,12 @@ class Catalog:
                 self._entries.resolve_new(uids, n)
         return uids
 
-    def add(self, vectors: Any, ids: Sequence | None = None, metadata: Sequence[dict | None] | dict | None = None) -> list:
+    def add(self, vectors: Any, ids: Sequence | None = None, metadata: Sequence[dict | None] | dict | None = None,
+            progress: bool = False) -> list:
         """Add vectors (normalised here) with optional ids and metadata; all or nothing.
 
         Without ids, integer ids continue from the largest integer id so far. Returns the ids.
+        (``progress`` is for stores that insert in batches; here an add is one step.)
         """
         x = as_vectors(vectors, self.dim)
         n = len(x)
@@ -262,7 +264,7 @@ class Catalog:
         return D, uids, metas
 
     def search(self, vectors: Any, k: int = 10, threshold: float | None = None, *,
-               ef_search: int | None = None, nprobe: int | None = None) -> list[list[Hit]]:
+               ef_search: int | None = None, nprobe: int | None = None, filter: str | None = None) -> list[list[Hit]]:
         """Top-k hits per query as ``Hit(id, score, metadata)``, best first; score = cosine similarity.
 
         Fewer than k hits come back when the catalogue holds fewer entries (none when it is
@@ -270,16 +272,18 @@ class Catalog:
         ``nprobe`` (IVF-PQ) override the defaults for this call only.
         """
         check_threshold(threshold)
+        no_filter(filter)
         D, uids, metas = self._search(vectors, k, ef_search, nprobe, with_meta=True)
         return hits_of(D, uids, metas, threshold)
 
     def search_raw(self, vectors: Any, k: int = 10, *, ef_search: int | None = None,
-                   nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   nprobe: int | None = None, filter: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(scores, ids)`` arrays of shape (nq, k), as faiss returns them.
 
         Missing slots (k larger than the catalogue) hold score ``-inf`` and id ``-1`` for integer
         ids (an int64 array) or ``None`` for string ids (an object array).
         """
+        no_filter(filter)
         D, uids, _ = self._search(vectors, k, ef_search, nprobe, with_meta=False)
         return raw_of(D, uids, int(k), self._entries.id_kind)
 
@@ -363,6 +367,12 @@ class Catalog:
         elif n:
             raise CatalogFormatError(f"{directory}: entries without an index file")
         return cat
+
+
+def no_filter(filter: Any) -> None:
+    if filter is not None:
+        raise CatalogError("metadata filters are Milvus expressions: they need a Milvus store (store=...), "
+                           "not a local catalogue")
 
 
 def check_threshold(threshold: Any) -> None:
