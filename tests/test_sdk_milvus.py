@@ -205,12 +205,14 @@ def test_server_mode_search_remove_and_hnsw_params(server):
     assert store.info()["index"] == "HNSW"
 
 
+@pytest.mark.slow
 def test_server_mode_eight_searchers_and_one_writer_lose_and_duplicate_nothing(server):
-    n0, batch, batches = 2000, 100, 20
+    n0, batch, batches = 1000, 60, 8
     base, new = unit(n0, seed=7), unit(batch * batches, seed=8)
-    store = server_store(server, index="flat", batch_size=50)
+    store = server_store(server, index="flat", batch_size=30)
+    store.timeout = 120.0  # Milvus Lite is pure Python: under 9 clients on 2 cores one call can take seconds
     store.add(base)
-    removed = list(range(200))
+    removed = list(range(200))  # the writer removes the first batches * 10 of these
     errors, searches = [], [0] * 8
     done = threading.Event()
 
@@ -225,8 +227,6 @@ def test_server_mode_eight_searchers_and_one_writer_lose_and_duplicate_nothing(s
                     errors.append(f"duplicates {ids}")
                 if ids[0] != i:
                     errors.append(f"lost {i}: top {ids[0]}")
-                if set(ids) & set(removed[:100]) and searches[t] > 50:
-                    pass  # removal is concurrent: may or may not be visible yet, never an error
                 searches[t] += 1
         except Exception as e:  # noqa: BLE001  (any failure is the finding)
             errors.append(f"reader {t}: {type(e).__name__}: {e}")
@@ -253,11 +253,12 @@ def test_server_mode_eight_searchers_and_one_writer_lose_and_duplicate_nothing(s
         t.join(60)
     assert not errors, errors[:5]
     assert all(s > 0 for s in searches)
-    expected = set(range(200, n0 + batch * batches))
+    expected = set(range(batches * 10, n0 + batch * batches))
     ids = store.ids()
     assert len(ids) == len(set(ids)) == len(store) == len(expected) and set(ids) == expected
     top = [row[0].id for row in store.search(new[::37], k=1)]
     assert top == list(range(n0, n0 + batch * batches, 37))
+    assert not {h.id for row in store.search(base[:200], k=5) for h in row} & set(removed[:batches * 10])
 
 
 @pytest.mark.slow
@@ -268,7 +269,14 @@ def test_an_insert_cut_by_the_server_stopping_keeps_exactly_the_completed_batche
     try:
         store = MilvusStore(uri, DIM, model=MODEL, batch_size=200, timeout=5)
         x = unit(20_000, seed=9)
-        stopper = threading.Thread(target=lambda: (time.sleep(0.3), stop_server(proc)))
+        watcher = MilvusStore(uri, DIM, model=MODEL, timeout=5)
+
+        def stop_once_inserting():  # stop the server once some batches are in, not before
+            while len(watcher) < 400:
+                time.sleep(0.05)
+            stop_server(proc)
+
+        stopper = threading.Thread(target=stop_once_inserting)
         stopper.start()
         with pytest.raises(StoreError, match=r"insert stopped after (\d+) of 20000 rows") as caught:
             store.add(x)

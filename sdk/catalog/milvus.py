@@ -217,7 +217,7 @@ class MilvusStore:
 
     def metadata(self, uid: Any) -> dict | None:
         uid = normalize_id(uid)
-        rows = self._call("get", self.address.collection, ids=[self._key(uid)], output_fields=["*"])
+        rows = self._call("get", self.address.collection, ids=[self._key(uid)], output_fields=[NO_META_FIELD, "$meta"])
         if not rows:
             raise UnknownIdError(f"no entry with id {uid!r}")
         return _metadata_of(rows[0])
@@ -353,7 +353,8 @@ class MilvusStore:
         search_params = {"metric_type": "IP", "params": {"ef": max(params.ef_search or self.ef_search, kk),
                                                          "nprobe": params.nprobe or self.nprobe}}
         res = self._call("search", self.address.collection, data=q.tolist(), limit=kk, filter=filter or "",
-                         output_fields=["*"] if with_meta else [ID_FIELD], search_params=search_params)
+                         output_fields=[NO_META_FIELD, "$meta"] if with_meta else [ID_FIELD],
+                         search_params=search_params)
         width = max((len(r) for r in res), default=0)
         D = np.full((len(q), width), -np.inf, np.float32)
         uids: list = [None] * (len(q) * width)
