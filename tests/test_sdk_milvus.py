@@ -351,3 +351,12 @@ def test_flowers_embeddings_flat_store_matches_the_exact_catalogue(tmp_path, sha
     differ = s_ids != l_ids
     # a differing id is an exact tie: its score equals the score the catalogue has at that rank
     assert np.allclose(s_scores[differ], l_scores[differ], atol=1e-5) and differ.mean() < 0.02
+
+
+def test_without_pymilvus_the_store_names_the_extra_to_install(tmp_path):
+    code = ("import sys; sys.modules['pymilvus'] = None\n"
+            "from sdk.catalog.milvus import MilvusStore\n"
+            f"MilvusStore('milvus://{tmp_path}/x.db', 4)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and "StoreError: the Milvus store needs pymilvus: pip install 'ibc[milvus]'" in r.stderr

@@ -261,9 +261,12 @@ def read_catalogue(directory: str | os.PathLike, parse: Callable[[dict, dict[str
     """``parse(header, open files)`` on one whole catalogue, even while other processes replace it."""
     directory = os.path.abspath(os.fspath(directory))
     if os.path.isdir(os.path.dirname(directory)) and (_siblings(directory, "tmp") or _siblings(directory, "old")):
-        with save_lock(directory, wait=False) as mine:
-            if mine:
-                clean_leftovers(directory)
+        try:
+            with save_lock(directory, wait=False) as mine:
+                if mine:  # no save under way: what is there was left by a killed one
+                    clean_leftovers(directory)
+        except OSError as e:  # a read-only location: read it as it is
+            log.debug("could not clean leftovers beside %s: %s", directory, e)
     for attempt in range(READ_ATTEMPTS):
         try:
             dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
