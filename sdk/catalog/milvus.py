@@ -290,9 +290,15 @@ class MilvusStore:
             taken = self._existing(uids)
             if taken:
                 raise DuplicateIdError(f"ids already in the store: {listed(taken)} (remove them first to replace)")
+            props = {}
             if self._id_kind is None:
-                self._set_props({ID_KIND_PROP: kind})
+                props[ID_KIND_PROP] = kind
+            if kind == "int":  # reserved before inserting: an interrupted insert never hands its ids out again
+                props[NEXT_AUTO_PROP] = str(max(self._next_auto, max(uids) + 1))
+            if props:
+                self._set_props(props)
                 self._id_kind = kind
+                self._next_auto = int(props.get(NEXT_AUTO_PROP, self._next_auto))
             bar = _progress_bar(n) if progress else None
             done = 0
             try:
@@ -311,9 +317,6 @@ class MilvusStore:
             finally:
                 if bar is not None:
                     bar.close()
-                if kind == "int" and done:
-                    self._next_auto = max(self._next_auto, max(uids[:done]) + 1)
-                    self._set_props({NEXT_AUTO_PROP: str(self._next_auto)})
         return uids
 
     def _set_props(self, props: dict) -> None:
