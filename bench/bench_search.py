@@ -15,6 +15,7 @@ numpy baseline (matmul + argpartition in chunks). Recall@10 is against exact sea
     python bench/bench_search.py                       # (a) at 1M x 512, ~25 min on 2 cores
     python bench/bench_search.py --bundle BUNDLE       # + (b)
     python bench/bench_search.py --n 100000 --clusters 2000   # quick look
+    python bench/bench_search.py --only-remove         # first search after a remove, flat 1M (issue 14)
 
 Prints a markdown report and writes the numbers as JSON (``--json-out``).
 """
@@ -149,6 +150,41 @@ def sweep(cat: Catalog, q: np.ndarray, truth: np.ndarray, k: int, param: str | N
     return rows
 
 
+def remove_then_search(cat: Catalog, q: np.ndarray, k: int, rounds: int = 5, per_round: int = 100,
+                       seed: int = 0) -> dict:
+    """The first search after each ``remove`` against a steady search of the same queries (issue 14, item 9).
+
+    Steady: the median of 5 single runs just before the remove (a shared machine is noisy).
+
+    A flat catalogue masks removed entries as tombstones in its int8 scan; rebuilding the scan
+    instead would make that first search cost seconds on a million vectors.
+    """
+    rng = np.random.default_rng(seed)
+    ids = cat.ids()
+    rows = []
+    for r in range(rounds):
+        cat.search_raw(q, k)
+        steady = float(np.median([timed(lambda: cat.search_raw(q, k), 1)[1] for _ in range(5)]))
+        cat.remove([ids[i] for i in rng.choice(len(ids), per_round, replace=False) if ids[i] in cat])
+        t0 = time.perf_counter()
+        cat.search_raw(q, k)
+        first = time.perf_counter() - t0
+        rows.append({"steady_s": steady, "first_after_remove_s": first, "ratio": first / steady})
+        log.info("remove round %d: steady %.3fs, first search after remove %.3fs (%.2fx)", r, steady, first,
+                 first / steady)
+    return {"rounds": rows, "max_ratio": max(r["ratio"] for r in rows), "removed_per_round": per_round,
+            "queries": len(q), "tombstones": cat.info()["tombstones"], "exact_scan": cat.info()["exact_scan"]}
+
+
+def run_remove_only(name: str, db: np.ndarray, q: np.ndarray, k: int, args) -> dict:
+    """Only the flat catalogue's remove-then-search measurement (``--only-remove``)."""
+    cat, secs, _ = build_catalog("flat", db)
+    cat.search_raw(q[:1], k)  # builds the int8 exact scan
+    res = {"name": name, "n": len(db), "dim": db.shape[1], "k": k, "build_s": secs,
+           "remove": remove_then_search(cat, q[:args.remove_queries], k)}
+    return res
+
+
 def run_vectors(name: str, db: np.ndarray, q: np.ndarray, k: int, args) -> dict:
     """numpy, flat, HNSW and IVF-PQ over one vector set."""
     res = {"name": name, "n": len(db), "dim": db.shape[1], "queries": len(q), "k": k, "indexes": {}}
@@ -171,6 +207,7 @@ def run_vectors(name: str, db: np.ndarray, q: np.ndarray, k: int, args) -> dict:
     res["indexes"]["flat"] = {"build_s": secs + scan_s, "scan_build_s": scan_s, "mem_bytes": mem,
                               "qps": len(q) / ex_secs, "recall": recall_at_k(np_ids, truth),
                               "int8_scan": scan, "numpy_agreement": recall_at_k(np_ids, truth)}
+    res["indexes"]["flat"]["remove"] = remove_then_search(cat, q[:args.remove_queries], k)
     cat.spec.exact_int8 = False  # the plain faiss fp32 scan, for comparison
     cat.search_raw(q[:64], k)
     (_, plain), pl_secs = timed(lambda: cat.search_raw(q, k), args.repeat)
@@ -210,7 +247,7 @@ def run_vectors(name: str, db: np.ndarray, q: np.ndarray, k: int, args) -> dict:
         cat, secs, mem = build_catalog("ivfpq", db, nlist=nlist, pq_m=args.pq_m or None,
                                        train_size=args.ivf_train or None)
         rows = sweep(cat, q, truth, k, "nprobe", args.nprobe, args.repeat)
-        ivf = cat._index
+        ivf = cat.index.faiss_index
         res["indexes"]["ivfpq"] = {"build_s": secs, "mem_bytes": mem, "sweep": rows,
                                    "params": f"nlist={ivf.nlist}, PQ{ivf.pq.M}x{ivf.pq.nbits}"}
         del cat, ivf
@@ -313,6 +350,10 @@ def markdown(res: dict) -> str:
                          f"{qps:.0f} QPS = {qps / flat_qps:.1f}x exact (recall {row['recall']:.3f}).")
         lines.append(f"Exact vs numpy: {flat_qps / part['numpy']['qps']:.1f}x; numpy and exact agree on "
                      f"{part['indexes']['flat']['numpy_agreement']:.4f} of the top-10.")
+        rm = part["indexes"]["flat"].get("remove")
+        if rm:
+            lines.append(f"First search after a remove of {rm['removed_per_round']} (flat, {rm['queries']} queries): "
+                         f"at most {rm['max_ratio']:.2f}x a steady search over {len(rm['rounds'])} rounds.")
     real = res.get("real")
     if real and real.get("embed"):
         lines.append("\n| embed() variant | images/s |")
@@ -354,6 +395,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-images", type=int, default=0)
     p.add_argument("--embed-sample", type=int, default=256)
     p.add_argument("--cache", default=None, help="cache (b)'s embeddings in this .npy")
+    p.add_argument("--remove-queries", type=int, default=100,
+                   help="queries per timed search in the remove-then-search measurement")
+    p.add_argument("--only-remove", action="store_true",
+                   help="(a) only: build the flat catalogue and time the first search after each remove")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -371,6 +416,13 @@ def main(argv=None) -> int:
         q, _ = mix.sample(args.queries, seed=2)
         log.info("generated %d x %d mixture vectors in %.1fs", args.n, args.dim, time.perf_counter() - t0)
         name = f"(a) Gaussian mixture, {args.clusters:,} clusters in {args.subspace}-d + noise"
+        if args.only_remove:
+            res["remove_only"] = run_remove_only(name, db, q, args.k, args)
+            print(json.dumps(res["remove_only"], indent=2, default=float))
+            if args.json_out:
+                with open(args.json_out, "w") as f:
+                    json.dump(res, f, indent=2, default=float)
+            return 0
         res["synthetic"] = run_vectors(name, db, q, args.k, args)
         del db
         gc.collect()

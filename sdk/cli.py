@@ -3,6 +3,8 @@
     ibc-retrieve index BUNDLE IMAGES_DIR --out catalog/ [--dataset cub|cars|sop|inshop|omniglot|folder]
     ibc-retrieve query catalog/ query1.jpg query2.jpg -k 5 [--grid hits.png] [--json]
     ibc-retrieve info BUNDLE_OR_CATALOG
+    ibc-retrieve index BUNDLE IMAGES_DIR --store milvus:///path/catalog.db   (or http://host:19530)
+    ibc-retrieve copy catalog/ milvus:///path/catalog.db                      (and back)
 
 Ids are the image paths relative to IMAGES_DIR (bytes that are not UTF-8 written as ``\\xNN``);
 metadata holds the absolute path and the label (the first folder under IMAGES_DIR, as in an
@@ -117,12 +119,16 @@ def main(verbose: int) -> None:
 _backend = click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", *RUNTIME_ORDER]))
 _precision = click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", *PRECISIONS]))
 _threads = click.option("--threads", type=int, default=None, help="Runtime threads (default: the runtime's).")
+_token = click.option("--token", envvar="IBC_MILVUS_TOKEN", default=None,
+                      help="Milvus server token (default: $IBC_MILVUS_TOKEN).")
 
 
 @main.command("index")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.argument("images_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Catalogue directory to write.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Catalogue directory to write.")
+@click.option("--store", default=None, help="Or a Milvus store: milvus:///path/catalog.db or http://host:19530.")
+@_token
 @click.option("--dataset", type=click.Choice(DATASETS), default=None,
               help="Read IMAGES_DIR as this dataset layout (as ibc-train does); labels are its class names.")
 @click.option("--split", default="all", show_default=True,
@@ -139,12 +145,14 @@ _threads = click.option("--threads", type=int, default=None, help="Runtime threa
               help="skip: index the readable images and list the others; raise: stop, write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing catalogue at --out.")
 @_friendly
-def index_cmd(bundle, images_dir, out, dataset, split, index_kind, hnsw_dims, backend, precision, threads, batch_size,
-              on_error, overwrite):
-    """Embed every image under IMAGES_DIR with BUNDLE and save a catalogue to --out."""
+def index_cmd(bundle, images_dir, out, store, token, dataset, split, index_kind, hnsw_dims, backend, precision, threads,
+              batch_size, on_error, overwrite):
+    """Embed every image under IMAGES_DIR with BUNDLE and save a catalogue to --out (or add to --store)."""
     from sdk.retriever import Retriever
 
-    if os.path.exists(out) and not overwrite:
+    if (out is None) == (store is None):
+        raise click.UsageError("give one of --out DIR or --store URI")
+    if out is not None and os.path.exists(out) and not overwrite:
         raise click.ClickException(f"{out} already exists (use --overwrite to replace it)")
     root = Path(images_dir)
     if dataset:
@@ -162,7 +170,7 @@ def index_cmd(bundle, images_dir, out, dataset, split, index_kind, hnsw_dims, ba
     meta = [{"path": display_path(os.path.abspath(f)), "label": label} for f, label in zip(files, labels)]
     t0 = time.perf_counter()
     with Retriever.from_bundle(bundle, backend=backend, precision=precision, threads=threads,
-                               index=index_kind, hnsw_dims=hnsw_dims) as r:
+                               index=index_kind, hnsw_dims=hnsw_dims, store=store, token=token) as r:
         click.echo(f"model: {r.variant.name} ({r.info()['reason']}); {len(files)} images", err=True)
         report = r.add(files, ids=ids, metadata=meta, on_error=on_error, batch_size=batch_size,
                        progress=sys.stderr.isatty())
@@ -170,15 +178,24 @@ def index_cmd(bundle, images_dir, out, dataset, split, index_kind, hnsw_dims, ba
             click.echo(f"skipped {display_path(files[pos])}: {reason}", err=True)
         if not report.ids:
             raise click.ClickException(f"none of the {len(files)} images under {images_dir} could be read "
-                                       f"(see the lines above); nothing written to {out}")
-        r.save(out, overwrite=True)
+                                       f"(see the lines above); nothing written to {out or store}")
+        out = r.save(out, overwrite=True) if out is not None else store
         dt = time.perf_counter() - t0
         click.echo(f"indexed {len(report.ids)} images ({len(report.skipped)} skipped) into {out} "
                    f"[{r.catalog.kind} index, {len(report.ids) / max(dt, 1e-9):.1f} images/s]")
 
 
+def _catalogue_arg(value: str) -> str:
+    """A catalogue folder that exists, or a store address (checked when it is opened)."""
+    from sdk.catalog.milvus import is_store_uri
+
+    if not is_store_uri(value) and not os.path.isdir(value):
+        raise click.BadParameter(f"{value}: no such catalogue folder (or store address milvus:///..., http://...)")
+    return value
+
+
 @main.command("query")
-@click.argument("catalog", type=click.Path(exists=True, file_okay=False))
+@click.argument("catalog", callback=lambda ctx, param, value: _catalogue_arg(value))
 @click.argument("images", nargs=-1, required=True)
 @click.option("-k", "k", default=5, show_default=True, type=int, help="Hits per query.")
 @click.option("--bundle", type=click.Path(exists=True, file_okay=False), default=None,
@@ -189,15 +206,20 @@ def index_cmd(bundle, images_dir, out, dataset, split, index_kind, hnsw_dims, ba
 @_backend
 @_precision
 @_threads
+@click.option("--filter", "filter_expr", default=None, help='Milvus store: metadata filter, e.g. \'label == "rose"\'.')
+@_token
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--grid", type=click.Path(dir_okay=False), default=None, help="Also write a PNG grid of the hits.")
 @_friendly
-def query_cmd(catalog, images, k, bundle, threshold, ef_search, nprobe, backend, precision, threads, as_json, grid):
-    """Search CATALOG for the nearest neighbours of each query image."""
+def query_cmd(catalog, images, k, bundle, threshold, ef_search, nprobe, backend, precision, threads, filter_expr, token,
+              as_json, grid):
+    """Search CATALOG (a folder or a Milvus store address) for the nearest neighbours of each query image."""
     from sdk.retriever import Retriever
 
-    with Retriever.load(catalog, bundle=bundle, backend=backend, precision=precision, threads=threads) as r:
-        hits = r.search(list(images), k=k, threshold=threshold, ef_search=ef_search, nprobe=nprobe)
+    with Retriever.load(catalog, bundle=bundle, backend=backend, precision=precision, threads=threads,
+                        token=token) as r:
+        hits = r.search(list(images), k=k, threshold=threshold, ef_search=ef_search, nprobe=nprobe,
+                        filter=filter_expr)
     if as_json:
         click.echo(json.dumps([{"query": q, "hits": [{"id": h.id, "score": round(h.score, 6), "metadata": h.metadata}
                                                       for h in row]} for q, row in zip(images, hits)], indent=2))
@@ -217,15 +239,21 @@ def query_cmd(catalog, images, k, bundle, threshold, ef_search, nprobe, backend,
 
 
 @main.command("info")
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path", callback=lambda ctx, param, value: _catalogue_arg(value))
+@_token
 @_friendly
-def info_cmd(path):
-    """Describe a bundle (variants, parity) or a catalogue (size, index, model)."""
+def info_cmd(path, token):
+    """Describe a bundle (variants, parity), a catalogue (size, index, model) or a Milvus store."""
     from sdk.backends import open_runner, runtime_status
     from sdk.bundle import MANIFEST_NAME, load_manifest
     from sdk.catalog import Catalog
+    from sdk.catalog.milvus import MilvusStore, is_store_uri
 
-    if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
+    if is_store_uri(path):
+        store = MilvusStore(path, token=token, create=False)
+        click.echo(store.describe())
+        store.close()
+    elif os.path.isfile(os.path.join(path, MANIFEST_NAME)):
         m = load_manifest(path)  # every file's SHA-256
         click.echo(f"bundle {path}: dim {m.embedding_dim}, input {m.input.name} {m.input.shape}, digest {m.digest()[:12]}")
         for v in m.variants:
@@ -243,6 +271,23 @@ def info_cmd(path):
         model = h.get("model") or {}
         click.echo(f"catalogue {path}: {h['entries']} entries, dim {h['dim']}, index {h['index']}, "
                    f"ids {h['id_kind']}, model {str(model.get('manifest_digest', '-'))[:12]} ({model.get('bundle', '-')})")
+
+
+@main.command("copy")
+@click.argument("source", callback=lambda ctx, param, value: _catalogue_arg(value))
+@click.argument("target")
+@_token
+@click.option("--index", "index_kind", default=None, type=click.Choice(["auto", "flat", "hnsw", "ivfpq"]),
+              help="Index of the target (default: the source's kind; a store: HNSW).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing catalogue folder at TARGET.")
+@_friendly
+def copy_cmd(source, target, token, index_kind, overwrite):
+    """Copy a catalogue folder into a Milvus store, or a store into a folder: ids, vectors, metadata, model."""
+    from sdk.catalog.copy import copy_catalogue
+
+    n = copy_catalogue(source, target, token=token, index=index_kind, overwrite=overwrite,
+                       progress=sys.stderr.isatty())
+    click.echo(f"copied {n} entries from {source} to {target}")
 
 
 if __name__ == "__main__":  # pragma: no cover

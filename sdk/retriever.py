@@ -33,6 +33,7 @@ from sdk.catalog import (
     VectorError,
     check_same_model,
 )
+from sdk.catalog.milvus import is_store_uri
 from sdk.preprocess import ImageError, describe_source, preprocess_image
 
 log = logging.getLogger(__name__)
@@ -127,29 +128,50 @@ class Retriever:
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, backend: str = "auto", precision: str = "auto",
                     threads: int | None = None, *, index: str = "auto", verify: bool = True,
-                    decode_workers: int | None = None, **index_options: Any) -> "Retriever":
-        """Open a bundle (hash-verified) with an empty catalogue.
+                    decode_workers: int | None = None, store: str | None = None, token: str | None = None,
+                    **index_options: Any) -> "Retriever":
+        """Open a bundle (hash-verified) with an empty catalogue, or with the Milvus store at ``store``.
 
         ``backend``: auto | tensorrt | openvino | onnxruntime. ``precision``: auto (fastest variant
         that passed the parity gate) | fp32 | fp16 | bf16 | int8. ``threads``: runtime threads.
         ``index`` and ``index_options`` configure the catalogue (see :class:`~sdk.catalog.IndexSpec`).
+        ``store``: ``milvus:///path/catalog.db`` (Milvus Lite, embedded) or ``http://host:19530``
+        (a Milvus server; ``token`` if it wants one), see :mod:`sdk.catalog.milvus`; a store
+        that holds another model's vectors is refused.
         """
         manifest, cand, runner, notes = cls._open(path, backend, precision, threads, verify)
-        return cls(path, manifest, cand.variant, runner, index=index, decode_workers=decode_workers,
+        catalog = None
+        if store is not None:
+            from sdk.catalog.milvus import MilvusStore
+
+            try:
+                catalog = MilvusStore(store, int(manifest.embedding_dim), model=_model_record(os.fspath(path), manifest,
+                                      cand.variant), index=index, token=token, **index_options)
+            except BaseException:
+                runner.close()
+                raise
+        return cls(path, manifest, cand.variant, runner, catalog=catalog, index=index, decode_workers=decode_workers,
                    notes=notes, reason=cand.reason, **index_options)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, bundle: str | os.PathLike | None = None, backend: str = "auto",
              precision: str = "auto", threads: int | None = None, *, verify: bool = True,
-             decode_workers: int | None = None) -> "Retriever":
-        """Open a saved catalogue with its model: ``bundle`` or, if None, the bundle path it recorded.
+             decode_workers: int | None = None, token: str | None = None) -> "Retriever":
+        """Open a saved catalogue (a folder, or a Milvus store address) with its model: ``bundle`` or,
+        if None, the bundle path it recorded.
 
         A catalogue built with another model (manifest digest, dimension or preprocessing
         differ) is refused with :class:`~sdk.catalog.CatalogMismatchError`.
         """
         directory = os.fspath(directory)
-        header = Catalog.read_header(directory)
-        recorded = header.get("model") or {}
+        store = None
+        if is_store_uri(directory):
+            from sdk.catalog.milvus import MilvusStore
+
+            store = MilvusStore(directory, token=token, create=False)
+            recorded = store.model or {}
+        else:
+            recorded = Catalog.read_header(directory).get("model") or {}
         if bundle is None:
             bundle = recorded.get("bundle")
             if not bundle:
@@ -158,11 +180,14 @@ class Retriever:
                 raise BundleError(f"catalogue {directory} was built with the bundle at {bundle}, which is not there "
                                   "any more; pass bundle= (the same model)")
         manifest = load_manifest(os.fspath(bundle), verify=False)
-        check_same_model(header.get("model"), _model_record(os.fspath(bundle), manifest, None), directory)
+        check_same_model(recorded or None, _model_record(os.fspath(bundle), manifest, None), directory)
         manifest, cand, runner, notes = cls._open(bundle, backend, precision, threads, verify)
         model = _model_record(os.fspath(bundle), manifest, cand.variant)
-        catalog = Catalog.load(directory, model=model)
-        catalog.model = {**(catalog.model or {}), "bundle": model["bundle"]}  # bundle may have moved
+        if store is not None:
+            catalog = store
+        else:
+            catalog = Catalog.load(directory, model=model)
+            catalog.model = {**(catalog.model or {}), "bundle": model["bundle"]}  # bundle may have moved
         return cls(bundle, manifest, cand.variant, runner, catalog=catalog, decode_workers=decode_workers,
                    notes=notes, reason=cand.reason)
 
@@ -193,6 +218,8 @@ class Retriever:
                 self._pool.shutdown(wait=True)
                 self._pool = None
         self.runner.close()
+        if hasattr(self.catalog, "close"):  # a Milvus store's connection
+            self.catalog.close()
 
     def __enter__(self) -> "Retriever":
         return self
@@ -325,17 +352,12 @@ class Retriever:
             meta_list = [metadata] if isinstance(metadata, dict) else list(metadata)
             if len(meta_list) != n:
                 raise CatalogError(f"got {len(meta_list)} metadata entries for {n} items")
-        if id_list is not None:  # refuse bad / duplicate ids before spending time embedding
-            self.catalog._check_new_ids(id_list, n)
-            taken = [u for u in id_list if u in self.catalog]
-            if taken:
-                from sdk.catalog import DuplicateIdError
-
-                raise DuplicateIdError(f"ids already in the catalogue: {taken[:5]} (remove them first to replace)")
+        if id_list is not None:  # refuse bad / duplicate / taken ids before spending time embedding
+            self.catalog.check_new_ids(id_list, n)
         vecs, kept, skipped = self._vectors_of(data, batch_size, on_error, progress)
         sub_ids = None if id_list is None else [id_list[i] for i in kept]
         sub_meta = None if meta_list is None else [meta_list[i] for i in kept]
-        added = self.catalog.add(vecs, ids=sub_ids, metadata=sub_meta) if len(vecs) else []
+        added = self.catalog.add(vecs, ids=sub_ids, metadata=sub_meta, progress=progress) if len(vecs) else []
         if skipped:
             log.warning("added %d of %d items; skipped %d unreadable", len(added), n, len(skipped))
         return AddReport(ids=list(added), skipped=skipped)
@@ -345,24 +367,25 @@ class Retriever:
         return self.catalog.remove(ids, missing=missing)
 
     def search(self, queries: Any, k: int = 10, threshold: float | None = None, *, ef_search: int | None = None,
-               nprobe: int | None = None, batch_size: int = 32) -> list[list[Hit]]:
+               nprobe: int | None = None, batch_size: int = 32, filter: str | None = None) -> list[list[Hit]]:
         """Images or vectors -> per query, up to k ``Hit(id, score, metadata)``, best first.
 
         Fewer hits come back when the catalogue is smaller than k (none when empty) or
         ``threshold`` (minimum cosine similarity) cuts them. ``ef_search`` / ``nprobe`` tune
-        HNSW / IVF-PQ for this call.
+        HNSW / IVF-PQ for this call; ``filter`` (Milvus store only) is a Milvus expression over
+        metadata keys, e.g. ``'label == "rose"'``.
         """
         vecs, _, _ = self._vectors_of(queries, batch_size)
-        return self.catalog.search(vecs, k, threshold, ef_search=ef_search, nprobe=nprobe)
+        return self.catalog.search(vecs, k, threshold, ef_search=ef_search, nprobe=nprobe, filter=filter)
 
     def search_raw(self, queries: Any, k: int = 10, *, ef_search: int | None = None, nprobe: int | None = None,
-                   batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+                   batch_size: int = 32, filter: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(scores, ids)`` arrays of shape (nq, k) as faiss gives them (-inf / -1 or None pad)."""
         vecs, _, _ = self._vectors_of(queries, batch_size)
-        return self.catalog.search_raw(vecs, k, ef_search=ef_search, nprobe=nprobe)
+        return self.catalog.search_raw(vecs, k, ef_search=ef_search, nprobe=nprobe, filter=filter)
 
     def save(self, directory: str | os.PathLike, overwrite: bool = True) -> str:
-        """Save the catalogue (atomically) with the record of this bundle's model."""
+        """Save the catalogue (atomically) with the record of this bundle's model (a Milvus store: nothing to do)."""
         return self.catalog.save(directory, overwrite=overwrite)
 
 

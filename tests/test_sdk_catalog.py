@@ -129,7 +129,7 @@ def test_hnsw_compaction_rebuilds_and_stays_correct(data):
     cat.remove(list(range(100)))
     assert cat.info()["tombstones"] == 100
     cat.remove(list(range(100, 300)))  # 300 > 0.2 * 1000: rebuilt from live vectors
-    assert cat.info()["tombstones"] == 0 and cat._index.ntotal == 700
+    assert cat.info()["tombstones"] == 0 and cat.index.faiss_index.ntotal == 700
     _, true_i = brute_force(x[300:1000], q, 5)
     assert recall(cat.search_raw(q, k=5, ef_search=200)[1], true_i + 300) >= 0.95
     new = cat.add(x[1000:1010])  # ids keep counting after the rebuild, never reused
@@ -148,7 +148,7 @@ def test_auto_index_by_size_and_memory():
 
 
 def test_auto_migrates_as_the_catalogue_grows(monkeypatch, data):
-    import sdk.catalog as C
+    import sdk.catalog.catalog as C  # the module that owns the "auto" policy
 
     monkeypatch.setattr(C, "AUTO_FLAT_MAX", 1500)
     monkeypatch.setattr(C, "MIN_PQ_TRAIN", 500)
@@ -242,7 +242,7 @@ def test_projected_hnsw_finds_neighbours_with_exact_scores():
     cat = Catalog(DIM, "hnsw", hnsw_m=16, hnsw_dims=8, compact_fraction=0.2)
     cat.add(x[:2000])
     cat.add(x[2000:])  # later adds go through the projection learned on the first
-    assert isinstance(faiss.downcast_index(cat._index.index), faiss.IndexRefine)
+    assert isinstance(faiss.downcast_index(cat.index.faiss_index.index), faiss.IndexRefine)
     true_s, true_i = brute_force(x, q, 10)
     scores, got = cat.search_raw(q, k=10, ef_search=64)
     assert recall(got, true_i) >= 0.95
@@ -255,7 +255,7 @@ def test_projected_hnsw_finds_neighbours_with_exact_scores():
     assert (hits >= 0).all() and not (hits.astype(np.int64) % 7 == 0).any()
     cat.remove(list(range(1, 3000, 7)) + list(range(2, 3000, 7)))  # past compact_fraction: rebuilt
     assert cat.info()["tombstones"] == 0
-    assert isinstance(faiss.downcast_index(cat._index.index), faiss.IndexRefine)
+    assert isinstance(faiss.downcast_index(cat.index.faiss_index.index), faiss.IndexRefine)
     keep = np.array([i for i in range(3000) if i % 7 > 2])
     _, true_i = brute_force(x[keep], q, 10)
     assert recall(cat.search_raw(q, k=10, ef_search=64)[1], keep[true_i]) >= 0.95
@@ -285,7 +285,7 @@ def test_save_load_round_trip(tmp_path, data, kind, extra):
     cat.remove(ids[:10])
     before = cat.search(q, k=7, ef_search=50, nprobe=4)
     out = cat.save(tmp_path / "cat")
-    assert sorted(os.listdir(tmp_path)) == ["cat"]  # no temp leftovers
+    assert sorted(os.listdir(tmp_path)) == [".cat.lock", "cat"]  # no temp leftovers (the lock file stays)
     back = Catalog.load(out, model=model)
     assert back.kind == kind and len(back) == len(cat) and back.ids() == cat.ids()
     assert back.search(q, k=7, ef_search=50, nprobe=4) == before
@@ -300,17 +300,17 @@ def test_partial_tampered_and_foreign_catalogues_are_refused(tmp_path, data):
     cat.add(x[:50])
     out = cat.save(tmp_path / "cat")
     # a crash during save leaves the old catalogue whole
-    import sdk.catalog as C
+    import sdk.catalog.persistence as P
 
-    real = C.sha256_file
-    C.sha256_file = lambda p: (_ for _ in ()).throw(OSError("disk gone"))
+    real = P.sha256_of
+    P.sha256_of = lambda f: (_ for _ in ()).throw(OSError("disk gone"))
     try:
         cat.add(x[50:60])
         with pytest.raises(OSError, match="disk gone"):
             cat.save(out)
     finally:
-        C.sha256_file = real
-    assert len(Catalog.load(out)) == 50 and sorted(os.listdir(tmp_path)) == ["cat"]
+        P.sha256_of = real
+    assert len(Catalog.load(out)) == 50 and sorted(os.listdir(tmp_path)) == [".cat.lock", "cat"]
     # tampered / missing files
     with open(os.path.join(out, "entries.jsonl"), "a") as f:
         f.write('[999,999,null]\n')
@@ -341,7 +341,7 @@ def test_partial_tampered_and_foreign_catalogues_are_refused(tmp_path, data):
 @pytest.fixture
 def small_scan(monkeypatch):
     """Make the int8 scan kick in on test-sized catalogues, with several blocks and a partial last one."""
-    import sdk.catalog as C
+    import sdk.catalog.int8_scan as C
 
     if not C.int8_scan_available():
         pytest.skip("onnxruntime not installed")
@@ -373,9 +373,9 @@ def test_int8_scan_is_exact_on_clustered_uniform_and_spiky_vectors(small_scan, m
     np.testing.assert_allclose(scores, true_s, atol=1e-5)
     stats = cat.info()["exact_scan"]
     assert stats["queries"] == len(q) + 1 and stats["outliers"] >= 2
-    assert cat._scan.code_max == (63 if seven_bit else 127)
-    cat.remove([0, 1, 2, 3000])  # positions shift: the scan is rebuilt on the next search
-    assert cat.info()["exact_scan"] is None
+    assert cat.index._scan.code_max == (63 if seven_bit else 127)
+    cat.remove([0, 1, 2, 3000])  # tombstones: masked in the scan, which is kept (not rebuilt)
+    assert cat.info()["exact_scan"]["queries"] == len(q) + 1
     keep = np.setdiff1d(np.arange(len(x)), [0, 1, 2, 3000])
     _, true_i = brute_force(x[keep], q, 10)
     assert np.array_equal(cat.search_raw(q, k=10)[1], keep[true_i])

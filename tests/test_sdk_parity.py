@@ -45,7 +45,8 @@ def test_retriever_recall_at_1_matches_the_trainer(shared_data, precision):
     report = r.add(paths, ids=list(range(len(paths))), on_error="raise", batch_size=64)
     assert len(report.ids) == len(paths) == 4696
     # Recall@1 through the catalogue: each image queries all others (itself dropped by id)
-    stored = r.catalog._flat_vectors().copy()
+    ids, stored = r.catalog.vectors()
+    assert ids == list(range(len(paths)))
     hits = r.search(stored, k=2)
     top = np.array([next(h.id for h in row if h.id != i) for i, row in enumerate(hits)])
     retriever_r1 = float(np.mean(labels[top] == labels))

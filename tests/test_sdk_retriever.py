@@ -166,6 +166,9 @@ def test_save_load_and_model_mismatch(bundle, images, tmp_path):
     shutil.rmtree(moved)
     header = json.loads((out / "catalog.json").read_text())
     header["model"]["bundle"] = str(moved)
+    from sdk.catalog.persistence import header_digest
+
+    header["header_sha256"] = header_digest(header)  # a consistent catalogue whose bundle has gone
     (out / "catalog.json").write_text(json.dumps(header))
     with pytest.raises(BundleError, match="not there any more; pass bundle="):
         Retriever.load(out)

@@ -21,7 +21,7 @@ def unit(n, seed):
 
 @pytest.mark.parametrize("kind", ["flat", "flat-int8", "hnsw"])
 def test_eight_readers_one_writer(kind, monkeypatch):
-    import sdk.catalog as C
+    import sdk.catalog.int8_scan as C
 
     if kind == "flat-int8":  # the certified int8 scan: built lazily by a reader, appended to by the writer
         if not C.int8_scan_available():
