@@ -121,7 +121,7 @@ def test_export_reads_a_checkpoints_dataset_without_the_trainer(tmp_path):
             f"s = export.images.checkpoint_set({{'dataset': 'folder', 'root': {str(tmp_path / 'data')!r}, "
             "'val_fraction': 0}, 'test', 'parity'); assert len(s) == 4, len(s); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'trainer'))")
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
@@ -222,3 +222,22 @@ def test_eval_only_refuses_overrides_it_cannot_honour(tmp_path):
                            ({"runtime": {"amp": "bf16"}}, "runtime.amp")):
         with pytest.raises(ConfigError, match=key):
             evaluate_checkpoint(str(tmp_path / "never-read.pt"), overrides=overrides)
+
+
+def test_backend_facts_are_defined_once():
+    import export.api as api
+    import export.openvino_export as ovx
+    import export.runners as runners
+    import export.tensorrt_export as trx
+    import sdk.backends as backends
+    from sdk.bundle import PRECISIONS
+
+    assert api.BACKEND_ALIASES is backends.BACKEND_ALIASES and api.PRECISION_ORDER is PRECISIONS
+    for p in ("fp32", "fp16", "bf16", "int8"):
+        assert ovx.runtime_hints(p) == backends.runtime_hints("openvino", p)
+    assert backends.runtime_hints("openvino", "int8", float_precision="bf16") == {"INFERENCE_PRECISION_HINT": "bf16"}
+    # one TensorRT runner and one availability check: the exporter's parity gate uses the SDK's
+    assert not hasattr(trx, "TensorRTRunner") and not hasattr(trx, "runtime_hints")
+    assert runners.TensorRTRunner is backends.TensorRTRunner
+    assert trx.tensorrt_status()[0] == backends.runtime_status("tensorrt")[0]
+    assert not hasattr(backends, "THROUGHPUT_KEYS")

@@ -658,6 +658,8 @@ def evaluate_checkpoint(path: str, *, data_root: str | None = None, overrides: d
         batch_size = int(given.get("eval_batch_size", batch_size))
         device = str(given.get("device", device))
         nmi = bool(given.get("nmi", nmi))
+        if given.get("threads"):
+            torch.set_num_threads(int(given["threads"]))
     if data_root:
         cfg_d = deep_merge(cfg_d, {"data": {"root": data_root}})
     cfg = Config.from_dict(cfg_d)
