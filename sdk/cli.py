@@ -81,9 +81,14 @@ _threads = click.option("--threads", type=int, default=None, help="Runtime threa
 @click.option("--on-error", default="skip", show_default=True, type=click.Choice(["skip", "raise"]),
               help="skip: index the readable images and list the others; raise: stop, write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing catalogue at --out.")
+@click.option("--decode", default="exact", show_default=True, type=click.Choice(["exact", "fast", "draft"]),
+              help="exact: the parity gate's preprocessing; fast: resize only the centre crop (faster, +-1 grey "
+                   "level); draft: also JPEG draft decoding of images 2x larger than needed (see sdk/decode.py).")
+@click.option("--decode-workers", type=click.IntRange(min=1), default=None,
+              help="Decode threads (default: min(4, CPUs)).")
 @_friendly
 def index_cmd(bundle, images_dir, out, index_kind, hnsw_dims, backend, precision, threads, batch_size, on_error,
-              overwrite):
+              overwrite, decode, decode_workers):
     """Embed every image under IMAGES_DIR with BUNDLE and save a catalogue to --out."""
     from sdk.retriever import Retriever
 
@@ -98,7 +103,8 @@ def index_cmd(bundle, images_dir, out, index_kind, hnsw_dims, backend, precision
             for f, i in zip(files, ids)]
     t0 = time.perf_counter()
     with Retriever.from_bundle(bundle, backend=backend, precision=precision, threads=threads,
-                               index=index_kind, hnsw_dims=hnsw_dims) as r:
+                               index=index_kind, hnsw_dims=hnsw_dims, decode=decode,
+                               decode_workers=decode_workers) as r:
         click.echo(f"model: {r.variant.name} ({r.info()['reason']}); {len(files)} images", err=True)
         report = r.add(files, ids=ids, metadata=meta, on_error=on_error, batch_size=batch_size,
                        progress=sys.stderr.isatty())

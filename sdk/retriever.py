@@ -38,6 +38,7 @@ from sdk.preprocess import ImageError, describe_source, preprocess_image
 log = logging.getLogger(__name__)
 
 _IMAGE_TYPES = (str, os.PathLike, bytes, bytearray, Image.Image)
+DECODE_MODES = ("exact", "fast", "draft")
 
 
 def _is_number(x: Any) -> bool:
@@ -92,13 +93,16 @@ class Retriever:
 
     def __init__(self, bundle_dir: str, manifest: Manifest, variant: Variant, runner: Runner, *,
                  catalog: Catalog | None = None, index: str = "auto", decode_workers: int | None = None,
-                 notes: Sequence[str] = (), reason: str = "", **index_options: Any):
+                 decode: str = "exact", notes: Sequence[str] = (), reason: str = "", **index_options: Any):
         self.bundle_dir = os.path.abspath(os.fspath(bundle_dir))
         self.manifest = manifest
         self.variant = variant
         self.runner = runner
         self.dim = int(manifest.embedding_dim)
         self.decode_workers = decode_workers if decode_workers is not None else min(4, os.cpu_count() or 1)
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+        self.decode = decode  # "exact": sdk.preprocess; "fast" / "draft": sdk.decode (see there)
         self._notes = list(notes)
         self._reason = reason
         self._pool: cf.ThreadPoolExecutor | None = None
@@ -127,7 +131,7 @@ class Retriever:
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, backend: str = "auto", precision: str = "auto",
                     threads: int | None = None, *, index: str = "auto", verify: bool = True,
-                    decode_workers: int | None = None, **index_options: Any) -> "Retriever":
+                    decode_workers: int | None = None, decode: str = "exact", **index_options: Any) -> "Retriever":
         """Open a bundle (hash-verified) with an empty catalogue.
 
         ``backend``: auto | tensorrt | openvino | onnxruntime. ``precision``: auto (fastest variant
@@ -136,12 +140,12 @@ class Retriever:
         """
         manifest, cand, runner, notes = cls._open(path, backend, precision, threads, verify)
         return cls(path, manifest, cand.variant, runner, index=index, decode_workers=decode_workers,
-                   notes=notes, reason=cand.reason, **index_options)
+                   decode=decode, notes=notes, reason=cand.reason, **index_options)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, bundle: str | os.PathLike | None = None, backend: str = "auto",
              precision: str = "auto", threads: int | None = None, *, verify: bool = True,
-             decode_workers: int | None = None) -> "Retriever":
+             decode_workers: int | None = None, decode: str = "exact") -> "Retriever":
         """Open a saved catalogue with its model: ``bundle`` or, if None, the bundle path it recorded.
 
         A catalogue built with another model (manifest digest, dimension or preprocessing
@@ -164,7 +168,7 @@ class Retriever:
         catalog = Catalog.load(directory, model=model)
         catalog.model = {**(catalog.model or {}), "bundle": model["bundle"]}  # bundle may have moved
         return cls(bundle, manifest, cand.variant, runner, catalog=catalog, decode_workers=decode_workers,
-                   notes=notes, reason=cand.reason)
+                   decode=decode, notes=notes, reason=cand.reason)
 
     def model_record(self) -> dict:
         """What a saved catalogue records about the model its vectors came from."""
@@ -217,6 +221,10 @@ class Retriever:
 
     def _preprocess_one(self, item: Any) -> np.ndarray | ImageError:
         try:
+            if self.decode != "exact":
+                from sdk.decode import fast_preprocess
+
+                return fast_preprocess(item, self.manifest.preprocess, draft=self.decode == "draft")
             return preprocess_image(item, self.manifest.preprocess)
         except ImageError as e:
             return e
