@@ -39,12 +39,13 @@ EXIT_ERROR, EXIT_GATE, EXIT_INTERRUPTED = 1, 3, 130
 @click.option("--precision", "precisions", default="fp32,fp16,int8", help="Export precisions (comma list).")
 @click.option("--tolerance", default=None, help="Allowed Recall@1 drop in points, e.g. int8=0.5,fp16=0.1.")
 @click.option("--parity-limit", type=click.IntRange(2), default=None, help="Cap the export's held-out parity set.")
+@click.option("--calib-size", type=click.IntRange(1), default=300, help="int8 calibration images (training split).")
 @click.option("--queries-per-class", default=2, type=click.IntRange(1),
               help="Held-out images per class used as queries (never indexed).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Runtime threads for indexing and queries.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(out, config, data_root, folder, overrides, from_stage, strict, backends, precisions, tolerance,
-         parity_limit, queries_per_class, threads, verbose):
+         parity_limit, calib_size, queries_per_class, threads, verbose):
     """Train, export, index the held-out gallery, query it, and write OUT/report/index.html."""
     from sdk.errors import IbcError
 
@@ -56,7 +57,7 @@ def main(out, config, data_root, folder, overrides, from_stage, strict, backends
     opts = RunOptions(out=out, config=config, overrides=list(overrides), data_root=data_root, folder=folder,
                       from_stage=from_stage, strict=strict, queries_per_class=queries_per_class, threads=threads,
                       export=ExportOptions(backends=backends, precisions=precisions, tolerance=tolerance,
-                                           parity_limit=parity_limit))
+                                           parity_limit=parity_limit, calib_size=calib_size))
     try:
         result = run_pipeline(opts, verbose=verbose)
     except IbcError as e:

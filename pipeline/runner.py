@@ -15,9 +15,12 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from sdk.errors import IbcError
+
 from pipeline import catalogue_stage, export_stage, query_stage, report_stage, train_stage
 from pipeline.context import Context
 from pipeline.data import require_data, training_config
+from pipeline.errors import PipelineError
 from pipeline.logs import run_logging
 from pipeline.options import RunOptions
 from pipeline.state import STAGES, discard, first_to_run, read_done, write_done
@@ -79,7 +82,13 @@ def _run(opts: RunOptions, out: str) -> PipelineResult:
             result.skipped[stage] = skip
         else:
             log.info("%s: started", stage)
-            summary = MODULES[stage].run(ctx)
+            try:
+                summary = MODULES[stage].run(ctx)
+            except PipelineError:
+                raise
+            except IbcError as e:
+                raise PipelineError(f"{stage} stage failed: {e} (fix it and rerun the same command: the run resumes "
+                                    f"at {stage})") from e
         ctx.records[stage] = write_done(out, stage, inputs[stage], summary, time.perf_counter() - t0)
         if not skip:
             log.info("%s: finished in %.1f s", stage, time.perf_counter() - t0)
