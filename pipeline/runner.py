@@ -23,7 +23,7 @@ from pipeline.data import require_data, training_config
 from pipeline.errors import PipelineError
 from pipeline.logs import run_logging
 from pipeline.options import RunOptions
-from pipeline.state import STAGES, discard, first_to_run, read_done, write_done
+from pipeline.state import STAGES, discard, first_to_run, read_done, resumable, write_done, write_started
 
 log = logging.getLogger("pipeline")
 
@@ -61,11 +61,11 @@ def _run(opts: RunOptions, out: str) -> PipelineResult:
     ctx = Context(opts=opts, config=cfg, out=out)
     inputs = {s: copy.deepcopy(MODULES[s].inputs(ctx)) for s in STAGES}
     start, why = first_to_run(out, inputs, opts.from_stage)
-    if start == 0:
-        require_data(cfg, opts)
-    elif start < len(STAGES) and STAGES[start] in ("export", "catalogue"):
-        require_data(cfg, opts)  # export and catalogue read the images too
-    discard(out, STAGES[start:])
+    if start < len(STAGES):
+        require_data(cfg, opts)  # every stage reads the images (training, the gate, the gallery, the thumbnails)
+    # a stage killed half-way keeps its partial output (training resumes from last.pt) if its inputs are unchanged
+    keep = start < len(STAGES) and opts.from_stage is None and resumable(out, STAGES[start], inputs[STAGES[start]])
+    discard(out, STAGES[start + 1 if keep else start:])
     result = PipelineResult(out=out)
     result.reused = list(STAGES[:start])
     if start < len(STAGES):
@@ -82,6 +82,7 @@ def _run(opts: RunOptions, out: str) -> PipelineResult:
             result.skipped[stage] = skip
         else:
             log.info("%s: started", stage)
+            write_started(out, stage, inputs[stage])
             try:
                 summary = MODULES[stage].run(ctx)
             except PipelineError:

@@ -17,6 +17,7 @@ from pipeline.errors import PipelineError
 
 STAGES = ("train", "export", "catalogue", "query", "report")
 DONE = "done.json"
+STARTED = "started.json"
 
 
 def stage_dir(out: str, stage: str) -> str:
@@ -47,6 +48,26 @@ def write_done(out: str, stage: str, inputs: dict, summary: dict, seconds: float
     return record
 
 
+def write_started(out: str, stage: str, inputs: dict) -> None:
+    """Record the inputs a stage started with: a killed stage resumes only with the same inputs."""
+    path = os.path.join(stage_dir(out, stage), STARTED)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(inputs, f, default=str)
+
+
+def resumable(out: str, stage: str, inputs: dict) -> bool:
+    """True when ``stage`` was started with these inputs and not finished (its partial output can be reused)."""
+    path = os.path.join(stage_dir(out, stage), STARTED)
+    if read_done(out, stage) is not None or not os.path.isfile(path):
+        return False
+    try:
+        with open(path) as f:
+            return json.load(f) == json.loads(json.dumps(inputs, default=str))
+    except (OSError, ValueError):
+        return False
+
+
 def discard(out: str, stages) -> None:
     """Remove the output of ``stages`` (they will run again)."""
     for s in stages:
@@ -70,4 +91,4 @@ def first_to_run(out: str, inputs: dict[str, dict], from_stage: str | None) -> t
     return len(STAGES), "every stage is finished"
 
 
-__all__ = ["STAGES", "stage_dir", "read_done", "write_done", "discard", "first_to_run"]
+__all__ = ["STAGES", "stage_dir", "read_done", "write_done", "write_started", "resumable", "discard", "first_to_run"]

@@ -19,7 +19,7 @@ import pytest
 from pipeline.data import held_out_split, require_data, training_config
 from pipeline.errors import DataFolderMissing, PipelineError
 from pipeline.options import ExportOptions, RunOptions
-from pipeline.state import STAGES, first_to_run, write_done
+from pipeline.state import STAGES, first_to_run, resumable, write_done, write_started
 
 
 def test_held_out_split_never_puts_a_query_in_the_gallery():
@@ -57,6 +57,15 @@ def test_resume_starts_at_the_first_unfinished_or_changed_stage(tmp_path):
     assert first_to_run(out, inputs, "train")[0] == 0
     with pytest.raises(PipelineError):
         first_to_run(out, inputs, "deploy")
+
+
+def test_a_killed_stage_keeps_its_partial_output_only_with_the_same_inputs(tmp_path):
+    out = str(tmp_path)
+    write_started(out, "train", {"config": {"lr": 1}})
+    assert resumable(out, "train", {"config": {"lr": 1}})  # e.g. last.pt of a killed training is reused
+    assert not resumable(out, "train", {"config": {"lr": 2}})
+    write_done(out, "train", {"config": {"lr": 1}}, {}, 0.0)
+    assert not resumable(out, "train", {"config": {"lr": 1}})  # finished: nothing to resume
 
 
 # ------------------------------------------------------------------------------------------ slow
