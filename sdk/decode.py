@@ -67,12 +67,4 @@ def fast_preprocess(source: Any, config: PreprocessConfig, *, draft: bool = Fals
     return normalize(img, config)
 
 
-def decode_job(source: Any, config: dict, draft: bool, crop: bool):
-    """Picklable worker for a process pool: the array, or ``("error", reason)`` (ImageError does not pickle)."""
-    try:
-        return fast_preprocess(source, PreprocessConfig.from_dict(config), draft=draft, crop=crop)
-    except ImageError as e:
-        return ("error", e.reason)
-
-
-__all__ = ["fast_preprocess", "crop_first", "decode_job"]
+__all__ = ["fast_preprocess", "crop_first"]
