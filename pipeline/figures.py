@@ -84,11 +84,12 @@ def tsne_map(embeddings: np.ndarray, labels: np.ndarray, path: str, *, max_point
     classes = np.unique(y)
     from matplotlib import colormaps
 
-    cmap = colormaps["tab20"] if len(classes) <= 20 else colormaps["nipy_spectral"]
+    k = len(classes)
+    cmap = colormaps["tab10" if k <= 10 else "tab20" if k <= 20 else "nipy_spectral"]
     for i, c in enumerate(classes):
         m = y == c
-        ax.scatter(xy[m, 0], xy[m, 1], s=8, color=cmap(i / max(1, len(classes) - 1) if len(classes) > 20 else i),
-                   label=str(c) if len(classes) <= 20 else None)
+        ax.scatter(xy[m, 0], xy[m, 1], s=8, color=cmap(i if k <= 20 else i / max(1, k - 1)),
+                   label=str(c) if k <= 20 else None)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(f"t-SNE of {len(x)} test embeddings, {len(classes)} classes (colour = class)")

@@ -42,7 +42,8 @@ def _metrics(table: dict) -> str:
     ks = table["ks"]
     head = (["variant"] + [f"R@{k}" for k in ks] + ["MAP@R", "NMI", "drop R@1 (pts)", "tolerance", "cosine",
                                                      "size MB", "images/s", "gate"])
-    out = ["<table><tr>" + "".join(f"<th{' class=l' if i == 0 else ''}>{_e(h)}</th>" for i, h in enumerate(head))
+    out = ["<table><tr>" + "".join(f"<th{' class=l' if i in (0, len(head) - 1) else ''}>{_e(h)}</th>"
+                                   for i, h in enumerate(head))
            + "</tr>"]
     for r in table["rows"]:
         m = r.get("metrics") or {}

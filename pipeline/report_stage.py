@@ -32,7 +32,7 @@ def inputs(ctx: Context) -> dict:
 def config_summary(cfg, opts) -> dict:
     m, d, o, s = cfg.model, cfg.data, cfg.optim, cfg.sampler
     return {"preset": cfg.name or os.path.basename(opts.config_path()), "config_file": opts.config_path(),
-            "overrides": list(opts.overrides), "dataset": d.dataset, "data_root": d.root,
+            "overrides": " ".join(f"--set {o}" for o in opts.overrides), "dataset": d.dataset, "data_root": d.root,
             "backbone": m.backbone, "pretrained": bool(m.pretrained), "embed_dim": m.embed_dim,
             "use_mpn": m.use_mpn, "train_image_size": cfg.augment.size,
             "eval_preprocess": f"resize {cfg.preprocess.resize}, crop {cfg.preprocess.crop}",
