@@ -137,6 +137,7 @@ class Retriever:
         ``backend``: auto | tensorrt | openvino | onnxruntime. ``precision``: auto (fastest variant
         that passed the parity gate) | fp32 | fp16 | bf16 | int8. ``threads``: runtime threads.
         ``index`` and ``index_options`` configure the catalogue (see :class:`~sdk.catalog.IndexSpec`).
+        ``decode``: "exact" (the parity gate's tensors), "fast" or "draft" (cheaper, see :mod:`sdk.decode`).
         """
         manifest, cand, runner, notes = cls._open(path, backend, precision, threads, verify)
         return cls(path, manifest, cand.variant, runner, index=index, decode_workers=decode_workers,
@@ -187,6 +188,7 @@ class Retriever:
             "parity": {"passed": self.variant.passed, **self.variant.parity},
             "passed_over": list(self._notes),
             "runner": self.runner.describe(),
+            "decode": {"mode": self.decode, "workers": self.decode_workers},
             "preprocess": self.manifest.preprocess.to_dict(),
             "catalog": self.catalog.info(),
         }

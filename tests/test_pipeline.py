@@ -170,3 +170,15 @@ def test_pipeline_end_to_end_on_real_images_with_a_failing_variant(shared_data, 
     assert again.ran == [] and again.reused == list(STAGES)
     opts.from_stage = "report"
     assert run_pipeline(opts).ran == ["report"]
+
+
+def test_cli_missing_data_is_one_line_and_exit_1(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    res = CliRunner().invoke(main, ["--out", str(tmp_path / "run"), "--data-root", str(tmp_path / "nope")])
+    assert res.exit_code == 1
+    lines = res.output.strip().splitlines()
+    assert lines[-1].startswith("ibc-run: data folder") and "Traceback" not in res.output
+    assert not (tmp_path / "run" / "train").exists()  # nothing ran
