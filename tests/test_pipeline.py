@@ -182,3 +182,12 @@ def test_cli_missing_data_is_one_line_and_exit_1(tmp_path):
     lines = res.output.strip().splitlines()
     assert lines[-1].startswith("ibc-run: data folder") and "Traceback" not in res.output
     assert not (tmp_path / "run" / "train").exists()  # nothing ran
+
+
+def test_zero_shot_row_appears_when_the_trainer_recorded_a_baseline():
+    from pipeline.report_stage import baseline_metrics
+
+    assert baseline_metrics({"test": {"recall@1": 0.5}}) is None  # no baseline: no row
+    assert baseline_metrics({"baseline": {"test": {"recall@1": 0.31, "nmi": 0.4}}}) == {"recall@1": 0.31, "nmi": 0.4}
+    assert baseline_metrics({"baseline": {"recall@1": 0.31, "epoch": 0, "note": "x"}}) == {"recall@1": 0.31,
+                                                                                          "epoch": 0.0}
