@@ -164,6 +164,7 @@ def test_pipeline_end_to_end_on_real_images_with_a_failing_variant(shared_data, 
     # the log file holds lines, not progress-bar frames
     log_text = (out / "run.log").read_text()
     assert "\r" not in log_text and "export: onnxruntime-int8 FAIL" in log_text
+    assert "\r" not in (out / "train" / "train.log").read_text()  # runtime.progress is on, stderr is no terminal
 
     # a rerun resumes: nothing left to do; --from report redoes the report only
     again = run_pipeline(opts)
