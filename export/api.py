@@ -17,6 +17,7 @@ The flow (the CLI is a thin layer over it):
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -296,7 +297,7 @@ class _Builder:
 
 
 def _measure(builder: _Builder, v: BuiltVariant, parity: PreprocessedImages, reference: np.ndarray,
-             ref_metrics: dict, ks, tolerance: float, batch_size: int, progress: bool) -> None:
+             ref_metrics: dict, ks, tolerance: float, batch_size: int, progress: bool) -> np.ndarray:
     runner = builder.runner(v)
     t0 = time.perf_counter()
     emb = embed(runner, parity, batch_size, f"parity {v.name}", progress)
@@ -308,6 +309,14 @@ def _measure(builder: _Builder, v: BuiltVariant, parity: PreprocessedImages, ref
         v.parity.passed = False  # e.g. accuracy control reverted every layer: a float model is not an int8 variant
         v.parity.reason = "no quantized layer left (accuracy control reverted them all?): not an int8 model"
     log.info("%s %s", "PASS" if v.parity.passed else "FAIL", v.parity.describe())
+    return emb
+
+
+def _keep_embeddings(directory: str | None, name: str, emb: np.ndarray) -> None:
+    """Save one variant's parity embeddings (``name.npy``) so a report can recompute any number from them."""
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+        np.save(os.path.join(directory, f"{name}.npy"), np.asarray(emb, np.float32))
 
 
 def export_bundle(
@@ -338,6 +347,7 @@ def export_bundle(
     seed: int = 0,
     progress: bool = True,
     workdir: str | None = None,
+    embeddings_dir: str | None = None,
 ) -> ExportResult:
     """Export ``checkpoint`` to a bundle directory ``out``; see the module docstring for the steps.
 
@@ -345,6 +355,8 @@ def export_bundle(
     dict; defaults int8 0.5, fp16 0.1, bf16 0.5, fp32 0.1. Raises :class:`GateFailure` (after
     writing the passing variants, or writing nothing if none passed) when a variant fails the gate
     and ``allow_drop`` is off; other :class:`ExportError` subclasses for bad input.
+    ``embeddings_dir``: also save the parity set's embeddings there (``pytorch-fp32.npy``, one
+    ``<variant>.npy`` each, ``parity.json`` with the image paths and labels), written or not.
     """
     t_start = time.time()
     out = os.path.abspath(os.fspath(out))
@@ -384,6 +396,10 @@ def export_bundle(
 
         reference = embed(TorchRunner(source.embedder), parity, batch_size, "parity pytorch-fp32", progress)
         ref_metrics = retrieval_metrics(reference, parity.labels, ks)
+        if embeddings_dir:
+            _keep_embeddings(embeddings_dir, "pytorch-fp32", reference)
+            with open(os.path.join(embeddings_dir, "parity.json"), "w") as f:
+                json.dump({"paths": list(parity_set.paths), "labels": [int(y) for y in parity.labels]}, f)
         log.info("reference pytorch-fp32 on %d parity images: %s", len(parity),
                  ", ".join(f"{k} {100 * v:.2f}" for k, v in ref_metrics.items()))
 
@@ -400,7 +416,9 @@ def export_bundle(
                 t0 = time.time()
                 v = builder.build(backend, precision)
                 v.build["build_seconds"] = round(time.time() - t0, 1)
-                _measure(builder, v, parity, reference, ref_metrics, ks, tolerances[precision], batch_size, progress)
+                emb = _measure(builder, v, parity, reference, ref_metrics, ks, tolerances[precision], batch_size,
+                               progress)
+                _keep_embeddings(embeddings_dir, v.name, emb)
                 built.append(v)
             passed = {v.name: v.parity.passed for v in built}
             keep = [v for v in built if passed[v.name] or allow_drop]

@@ -140,8 +140,11 @@ def main(checkpoint, out, backends, precisions, calib_data, parity_data, val_dat
         if e.result is not None:
             click.echo(format_table(e.result))
         click.echo(f"ibc-export: {e}", err=True)
-        if e.result is not None and e.result.out:
-            click.echo(f"wrote {e.result.out} with {', '.join(e.result.written)}", err=True)
+        if e.result is not None and e.result.out:  # the last line: what was shipped despite exit 3
+            click.echo(f"the bundle {e.result.out} was written with the passing variants: "
+                       f"{', '.join(e.result.written)} (left out: {', '.join(e.result.rejected)})", err=True)
+        else:
+            click.echo("no variant passed its parity gate: no bundle was written", err=True)
         sys.exit(EXIT_GATE)
     except (IbcError, ValueError, OSError) as e:  # every expected error: checkpoint, data, backend, bundle, disk
         click.echo(f"ibc-export: {one_line(e)}", err=True)

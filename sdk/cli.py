@@ -144,9 +144,14 @@ _token = click.option("--token", envvar="IBC_MILVUS_TOKEN", default=None,
 @click.option("--on-error", default="skip", show_default=True, type=click.Choice(["skip", "raise"]),
               help="skip: index the readable images and list the others; raise: stop, write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing catalogue at --out.")
+@click.option("--decode", default="exact", show_default=True, type=click.Choice(["exact", "fast", "draft"]),
+              help="exact: the parity gate's preprocessing; fast: resize only the centre crop (faster, +-1 grey "
+                   "level); draft: also JPEG draft decoding of images 2x larger than needed (see sdk/decode.py).")
+@click.option("--decode-workers", type=click.IntRange(min=1), default=None,
+              help="Decode threads (default: min(4, CPUs)).")
 @_friendly
 def index_cmd(bundle, images_dir, out, store, token, dataset, split, index_kind, hnsw_dims, backend, precision, threads,
-              batch_size, on_error, overwrite):
+              batch_size, on_error, overwrite, decode, decode_workers):
     """Embed every image under IMAGES_DIR with BUNDLE and save a catalogue to --out (or add to --store)."""
     from sdk.retriever import Retriever
 
@@ -170,7 +175,8 @@ def index_cmd(bundle, images_dir, out, store, token, dataset, split, index_kind,
     meta = [{"path": display_path(os.path.abspath(f)), "label": label} for f, label in zip(files, labels)]
     t0 = time.perf_counter()
     with Retriever.from_bundle(bundle, backend=backend, precision=precision, threads=threads,
-                               index=index_kind, hnsw_dims=hnsw_dims, store=store, token=token) as r:
+                               index=index_kind, hnsw_dims=hnsw_dims, store=store, token=token, decode=decode,
+                               decode_workers=decode_workers) as r:
         click.echo(f"model: {r.variant.name} ({r.info()['reason']}); {len(files)} images", err=True)
         report = r.add(files, ids=ids, metadata=meta, on_error=on_error, batch_size=batch_size,
                        progress=sys.stderr.isatty())

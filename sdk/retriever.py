@@ -39,6 +39,7 @@ from sdk.preprocess import ImageError, describe_source, preprocess_image
 log = logging.getLogger(__name__)
 
 _IMAGE_TYPES = (str, os.PathLike, bytes, bytearray, Image.Image)
+DECODE_MODES = ("exact", "fast", "draft")
 
 
 def _is_number(x: Any) -> bool:
@@ -93,13 +94,16 @@ class Retriever:
 
     def __init__(self, bundle_dir: str, manifest: Manifest, variant: Variant, runner: Runner, *,
                  catalog: Catalog | None = None, index: str = "auto", decode_workers: int | None = None,
-                 notes: Sequence[str] = (), reason: str = "", **index_options: Any):
+                 decode: str = "exact", notes: Sequence[str] = (), reason: str = "", **index_options: Any):
         self.bundle_dir = os.path.abspath(os.fspath(bundle_dir))
         self.manifest = manifest
         self.variant = variant
         self.runner = runner
         self.dim = int(manifest.embedding_dim)
         self.decode_workers = decode_workers if decode_workers is not None else min(4, os.cpu_count() or 1)
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+        self.decode = decode  # "exact": sdk.preprocess; "fast" / "draft": sdk.decode (see there)
         self._notes = list(notes)
         self._reason = reason
         self._pool: cf.ThreadPoolExecutor | None = None
@@ -128,13 +132,14 @@ class Retriever:
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, backend: str = "auto", precision: str = "auto",
                     threads: int | None = None, *, index: str = "auto", verify: bool = True,
-                    decode_workers: int | None = None, store: str | None = None, token: str | None = None,
-                    **index_options: Any) -> "Retriever":
+                    decode_workers: int | None = None, decode: str = "exact", store: str | None = None,
+                    token: str | None = None, **index_options: Any) -> "Retriever":
         """Open a bundle (hash-verified) with an empty catalogue, or with the Milvus store at ``store``.
 
         ``backend``: auto | tensorrt | openvino | onnxruntime. ``precision``: auto (fastest variant
         that passed the parity gate) | fp32 | fp16 | bf16 | int8. ``threads``: runtime threads.
         ``index`` and ``index_options`` configure the catalogue (see :class:`~sdk.catalog.IndexSpec`).
+        ``decode``: "exact" (the parity gate's tensors), "fast" or "draft" (cheaper, see :mod:`sdk.decode`).
         ``store``: ``milvus:///path/catalog.db`` (Milvus Lite, embedded) or ``http://host:19530``
         (a Milvus server; ``token`` if it wants one), see :mod:`sdk.catalog.milvus`; a store
         that holds another model's vectors is refused.
@@ -151,12 +156,12 @@ class Retriever:
                 runner.close()
                 raise
         return cls(path, manifest, cand.variant, runner, catalog=catalog, index=index, decode_workers=decode_workers,
-                   notes=notes, reason=cand.reason, **index_options)
+                   decode=decode, notes=notes, reason=cand.reason, **index_options)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, bundle: str | os.PathLike | None = None, backend: str = "auto",
              precision: str = "auto", threads: int | None = None, *, verify: bool = True,
-             decode_workers: int | None = None, token: str | None = None) -> "Retriever":
+             decode_workers: int | None = None, decode: str = "exact", token: str | None = None) -> "Retriever":
         """Open a saved catalogue (a folder, or a Milvus store address) with its model: ``bundle`` or,
         if None, the bundle path it recorded.
 
@@ -189,7 +194,7 @@ class Retriever:
             catalog = Catalog.load(directory, model=model)
             catalog.model = {**(catalog.model or {}), "bundle": model["bundle"]}  # bundle may have moved
         return cls(bundle, manifest, cand.variant, runner, catalog=catalog, decode_workers=decode_workers,
-                   notes=notes, reason=cand.reason)
+                   decode=decode, notes=notes, reason=cand.reason)
 
     def model_record(self) -> dict:
         """What a saved catalogue records about the model its vectors came from."""
@@ -208,6 +213,7 @@ class Retriever:
             "parity": {"passed": self.variant.passed, **self.variant.parity},
             "passed_over": list(self._notes),
             "runner": self.runner.describe(),
+            "decode": {"mode": self.decode, "workers": self.decode_workers},
             "preprocess": self.manifest.preprocess.to_dict(),
             "catalog": self.catalog.info(),
         }
@@ -244,6 +250,10 @@ class Retriever:
 
     def _preprocess_one(self, item: Any) -> np.ndarray | ImageError:
         try:
+            if self.decode != "exact":
+                from sdk.decode import fast_preprocess
+
+                return fast_preprocess(item, self.manifest.preprocess, draft=self.decode == "draft")
             return preprocess_image(item, self.manifest.preprocess)
         except ImageError as e:
             return e

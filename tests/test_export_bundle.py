@@ -152,6 +152,18 @@ def test_cli_gate_failure_exit_code_and_table(ws, tmp_path):
     assert res.exit_code == 3
     assert "FAIL" in res.output and "parity gate failed for onnxruntime-int8" in res.output
     assert not (tmp_path / "b").exists()
+    assert res.output.strip().splitlines()[-1] == "no variant passed its parity gate: no bundle was written"
+
+
+def test_cli_gate_failure_last_line_names_the_shipped_variants(ws, tmp_path):
+    flat = solid_images(tmp_path / "flat")
+    res = CliRunner().invoke(main, [str(ws["ckpt"]), "--out", str(tmp_path / "b"), "--backend", "onnx",
+                                    "--precision", "fp32,int8", "--calib-data", str(flat), "--parity-data",
+                                    str(ws["parity"]), "-q"])
+    assert res.exit_code == 3
+    assert res.output.strip().splitlines()[-1] == (
+        f"the bundle {tmp_path / 'b'} was written with the passing variants: onnxruntime-fp32 "
+        "(left out: onnxruntime-int8)")
 
 
 def test_crash_mid_export_leaves_old_bundle(ws, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ dropped at test time, DESIGN §2).
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import numpy as np
@@ -64,7 +65,7 @@ def embed_items(model_or_embedder: Any, items: list[tuple[str, int]], preprocess
                         generator=torch.Generator().manual_seed(0))  # never draws from the global RNG
     embs, labels, oks = [], [], []
     it = loader
-    if progress:
+    if progress and sys.stderr.isatty():  # bars only on a terminal, never in a log file
         from tqdm import tqdm
 
         it = tqdm(loader, desc=desc, leave=False, unit="batch", dynamic_ncols=True)

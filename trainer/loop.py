@@ -18,6 +18,7 @@ import os
 import platform
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -423,7 +424,7 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
                             generator=loader_gen, persistent_workers=False,
                             pin_memory=device.type == "cuda")
         bar = None
-        if rt.progress and main:
+        if rt.progress and main and sys.stderr.isatty():  # a bar in a log file is megabytes of frames
             from tqdm import tqdm
 
             bar = tqdm(total=n_batches, initial=sampler.start_batch, desc=f"epoch {epoch + 1}/{oc.epochs}",
