@@ -25,8 +25,12 @@ def epoch_record(state, optimizer, parts: dict[str, str]) -> dict[str, Any]:
     """The metrics-log record of the epoch that just ended (means over its steps)."""
     s = state.epoch_stats
     n = max(1, s["n"])
-    record: dict[str, Any] = {"epoch": state.epoch + 1, "step": state.step, "lr": optimizer.param_groups[-1]["lr"],
+    lrs = {g.get("name"): g["lr"] for g in optimizer.param_groups}
+    record: dict[str, Any] = {"epoch": state.epoch + 1, "step": state.step,
+                              "lr": lrs.get("head", optimizer.param_groups[-1]["lr"]),
                               "lr_backbone": optimizer.param_groups[0]["lr"], "loss": s["loss"] / n}
+    if "method" in lrs:
+        record["lr_method"] = lrs["method"]
     for k in parts:
         record[k] = None if s.get(k) is None else s[k] / n
     record["images_per_s"] = s["images"] / max(1e-9, s["time"])
