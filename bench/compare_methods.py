@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -216,7 +217,7 @@ def main() -> None:
             continue
         budget = sorted({f"{r['epochs']} epochs / {r['steps']} steps" for r in rows})
         body = (f"### Methods compared: {dataset} ({PRESETS[dataset]})\n\n"
-                f"`python bench/compare_methods.py --dataset {dataset}`; same backbone, image size, sampler, "
+                f"`{shlex.join(['python', 'bench/compare_methods.py', *sys.argv[1:]])}`; same backbone, image size, sampler, "
                 f"augmentations and budget for every method ({', '.join(budget)}); test classes; mean ± std over "
                 f"seeds; the classic losses screened with seed 0, the best with all seeds. "
                 f"{machine_note(rows)}\n\n{table(dataset, rows)}\n\n![R@1 by method]({os.path.relpath(args.chart, Path(args.results_md).parent)})")
