@@ -1,4 +1,5 @@
-"""ibc trainer: datasets, P×K sampling, IBC losses, the training loop, evaluation and the ``ibc-train`` CLI.
+"""ibc trainer: datasets, P×K sampling, the training methods (trainer.methods: IBC, CE, Group Loss,
+Divide and Conquer, the PML losses), the loop, evaluation and the ``ibc-train`` CLI.
 
 Public API (imported lazily so ``import trainer`` stays cheap)::
 

@@ -23,6 +23,7 @@ import yaml
 from models.ibc import ModelConfig, MPNConfig
 from sdk.datasets import DATASETS
 from sdk.preprocess import INTERPOLATIONS, PreprocessConfig
+from trainer.methods import MethodConfig, get_method, list_methods
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class RuntimeConfig:
     checkpoint_every_steps: int = 0  # also write last.pt every N steps (mid-epoch resume); 0 = per epoch only
     max_steps: int | None = None  # stop after this many optimiser steps (tests, smoke runs)
     progress: bool = True  # tqdm bars
-    mpn_global_batch: bool = False  # DDP: the MPN sees the whole global batch (all-gather with gradients)
+    mpn_global_batch: bool = True  # DDP: the MPN sees the whole global batch (all-gather with gradients), as the authors ran it
     nmi: bool = True  # compute NMI in the final test report
     baseline: bool = True  # pretrained backbones: also report the untrained starting point on the test classes
     test_report: bool = True  # false: never touch the test classes (hyper-parameter screening on val)
@@ -133,6 +134,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    # the training method (trainer/methods/): its own config dataclass, picked by ``method.name``
+    method: MethodConfig = field(default_factory=lambda: get_method("ibc").config_class())
     name: str = ""
 
     def to_dict(self) -> dict:
@@ -140,9 +143,38 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        cfg = from_plain(cls, with_weight_preprocessing(d), "")
+        d = with_weight_preprocessing(d)
+        method = d.get("method")
+        cfg = from_plain(cls, {k: v for k, v in d.items() if k != "method"}, "")
+        model = d.get("model") if isinstance(d.get("model"), dict) else {}
+        cfg.method = method_config(method, cfg, model.get("use_mpn"))
         validate(cfg)
         return cfg
+
+
+def method_config(d: Any, cfg: "Config", use_mpn_given: Any) -> MethodConfig:
+    """The method section as its method's dataclass; sets ``model.use_mpn`` from the method.
+
+    Why: configs and checkpoints from before the method plugins have no ``method`` section; their
+    ``model.use_mpn`` says which of the two methods of that time they trained (ibc / ce).
+    """
+    if isinstance(d, MethodConfig):
+        d = to_plain(d)
+    if d is None:
+        d = {"name": "ibc" if cfg.model.use_mpn else "ce"}
+    if not isinstance(d, dict):
+        raise ConfigError(f"method: expected a mapping with a name (one of {', '.join(list_methods())}), got {d!r}")
+    name = d.get("name", "ibc")
+    try:
+        method = get_method(name)
+    except KeyError:
+        raise ConfigError(f"method.name: unknown training method {name!r}; known: {', '.join(list_methods())}") from None
+    if use_mpn_given is False and method.uses_mpn:
+        raise ConfigError(f"model.use_mpn=false contradicts method.name={name} (which trains the MPN); "
+                          "the MPN-off ablation is method.name=ce")
+    mcfg = from_plain(method.config_class, {**d, "name": name}, "method")
+    cfg.model.use_mpn = method.uses_mpn
+    return mcfg
 
 
 # --------------------------------------------------------------------------- generic (de)serialisation
@@ -386,7 +418,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"finetune.bn_mode must be 'train' or 'frozen', got {ft.bn_mode!r}")
     if ft.head_init not in ("default", "orthogonal"):
         raise ConfigError(f"finetune.head_init must be 'default' or 'orthogonal', got {ft.head_init!r}")
-    if cfg.model.embed_dim % cfg.model.mpn.num_heads:
+    get_method(cfg.method.name).check_config(cfg.method, cfg)
+    if cfg.model.use_mpn and cfg.model.embed_dim % cfg.model.mpn.num_heads:
         raise ConfigError(f"model.embed_dim {cfg.model.embed_dim} must be divisible by model.mpn.num_heads "
                           f"{cfg.model.mpn.num_heads}")
 

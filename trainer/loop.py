@@ -4,46 +4,44 @@ One run folder holds ``config.yaml`` (resolved config), ``env.json`` (library ve
 ``last.pt`` (everything needed to resume, written atomically every epoch and optionally every N
 steps), ``best.pt`` (best on the selection split), ``metrics.jsonl`` (one record per epoch),
 ``plots/*.png``, ``train.log`` and ``final_metrics.json`` (the test-class report).
+
+The method (``method.name``, trainer/methods/) decides the loss; this module only orders the
+pieces: the step engine (trainer/engine.py), checkpoint state and resume (trainer/run_state.py),
+and the records, plots and reports keyed by the parts the method reports (trainer/report.py).
 """
 
 from __future__ import annotations
 
-from sdk.errors import IbcError
-
-import contextlib
 import json
 import logging
-import math
 import os
-import platform
-import random
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
-from models.checkpoint import (CheckpointError, check_architecture, library_versions, load_checkpoint,
-                               load_model_state, save_checkpoint)
+from models.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from models.ibc import IBCModel, ModelConfig
 from trainer import distributed as D
 from trainer.config import Config, dump_yaml
 from trainer.data import dataset_items, describe, items_of, training_classes
+from trainer.engine import (StepEngine, TrainingError, TrainStep, amp_dtype, backbone_frozen_at, init_head,
+                            lr_factor, method_parameter_group, parameter_groups, resolve_device, set_backbone_mode)
 from trainer.evaluate import default_ks, evaluate_items
-from trainer.losses import ibc_loss
-from trainer.sampler import PKBatchSampler
+from trainer.methods import MethodContext, get_method
+from trainer.report import (draw_plots, epoch_line, epoch_record, final_report, fmt_table, protocol_of,
+                            rewrite_jsonl, write_jsonl)
+from trainer.run_state import (RunState, checkpoint_payload, environment, restore, rng_state, save, seed_everything,
+                               set_rng_state)
 from trainer.transforms import BadImageError, TrainDataset, collate, train_transform
 
 log = logging.getLogger("trainer")
-
-
-class TrainingError(IbcError, RuntimeError):
-    """The run stopped on purpose (NaN loss, unreadable image with on_bad_image=stop); the message says why."""
+_fmt_table = fmt_table  # older name (trainer.baseline, other callers)
+_save = save
 
 
 @dataclass
@@ -59,205 +57,16 @@ class TrainResult:
     protocol: str = ""
     train_time_s: float = 0.0
     mpn_batch_size: int | None = None  # nodes the MPN saw in the last step (global batch under DDP)
-
-
-# --------------------------------------------------------------------------- the model step
-
-
-class TrainStep(nn.Module):
-    """images, labels -> losses. Wrapped by DDP as a whole so gradients are synchronised."""
-
-    def __init__(self, model: IBCModel, loss_cfg, dist_info: D.DistInfo, global_mpn: bool):
-        super().__init__()
-        self.model = model
-        self.loss_cfg = loss_cfg
-        self.dist = dist_info
-        self.global_mpn = global_mpn and dist_info.enabled
-        self.last_mpn_batch = 0
-        self.backbone_frozen = False  # set by the loop during the fine-tuning warm-up
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.backbone_frozen:  # no graph through the trunk: the warm-up costs a forward pass only
-            with torch.no_grad():
-                feats = self.model.backbone(images)
-            f = self.model.head(feats)
-        else:
-            f = self.model.embed(images)
-        logits = self.model.classifier(f)
-        mpn_logits = None
-        if self.model.mpn is not None:
-            if self.global_mpn:
-                f_all = D.all_gather_with_grad(f, self.dist.gather_group)
-                _, all_logits = self.model.refine(f_all)
-                n = f.shape[0]
-                mpn_logits = all_logits[self.dist.rank * n:(self.dist.rank + 1) * n]
-                self.last_mpn_batch = f_all.shape[0]
-            else:
-                _, mpn_logits = self.model.refine(f)
-                self.last_mpn_batch = f.shape[0]
-        c = self.loss_cfg
-        return ibc_loss(logits, labels, mpn_logits, temperature=c.temperature, smoothing=c.label_smoothing,
-                        backbone_weight=c.backbone_weight, mpn_weight=c.mpn_weight)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"runtime.device={name} but CUDA is not available here; use runtime.device=cpu")
-    return dev
-
-
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    if mode == "off":
-        return None
-    if mode == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if mode == "bf16" else torch.float16
-
-
-def lr_factor(optim, epoch: int, batch: int, n_batches: int) -> float:
-    """Learning-rate multiplier at ``batch`` of ``epoch`` (a pure function: resumes need no scheduler object)."""
-    t = epoch + batch / max(1, n_batches)
-    factor = 1.0
-    if optim.warmup_epochs > 0 and t < optim.warmup_epochs:
-        factor = min(1.0, (epoch + (batch + 1) / max(1, n_batches)) / optim.warmup_epochs)
-    if optim.schedule == "step":
-        factor *= optim.gamma ** sum(1 for m in optim.milestones if epoch >= m)
-    else:  # cosine over the whole run (after warm-up)
-        w = optim.warmup_epochs
-        frac = 0.0 if t < w else (t - w) / max(1e-9, optim.epochs - w)
-        factor *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
-    return factor
-
-
-def parameter_groups(model: IBCModel, backbone_lr_mult: float) -> list[dict]:
-    """Two optimiser groups: the backbone at ``lr * backbone_lr_mult``, everything new at ``lr``."""
-    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
-    ids = {id(p) for p in backbone}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    return [{"params": backbone, "lr_mult": backbone_lr_mult, "name": "backbone"},
-            {"params": rest, "lr_mult": 1.0, "name": "head"}]
-
-
-def backbone_frozen_at(ft, epoch: int, batch: int, n_batches: int) -> bool:
-    """Whether the fine-tuning warm-up (backbone frozen) still runs at this batch."""
-    return epoch + batch / max(1, n_batches) < ft.freeze_backbone_epochs
-
-
-def set_backbone_mode(backbone: nn.Module, *, frozen: bool, bn_mode: str) -> None:
-    """Train mode for the trunk, except BatchNorm when frozen (warm-up) or ``bn_mode='frozen'``."""
-    backbone.train(not frozen)
-    if not frozen and bn_mode == "frozen":
-        for m in backbone.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-
-
-def init_head(model: IBCModel, mode: str) -> None:
-    if mode == "orthogonal":
-        nn.init.orthogonal_(model.head.fc.weight)
-        nn.init.zeros_(model.head.fc.bias)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    py = random.getstate()
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "python": [py[0], list(py[1]), py[2]],
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                       int(np_state[3]), float(np_state[4])]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    if "cuda" in state and torch.cuda.is_available():
-        with contextlib.suppress(RuntimeError):
-            torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def environment(device: torch.device, dist_info: D.DistInfo) -> dict:
-    env = {k: str(v) for k, v in library_versions().items()}  # plain str: TorchVersion is not weights_only-safe
-    from importlib import metadata
-
-    for dist_name in ("scikit-learn", "faiss-cpu", "Pillow", "tqdm", "click", "PyYAML", "pytorch-metric-learning"):
-        try:
-            env[dist_name] = metadata.version(dist_name)
-        except metadata.PackageNotFoundError:
-            pass
-    env["platform"] = platform.platform()
-    env["processor"] = platform.processor() or platform.machine()
-    env["cpu_count"] = int(os.cpu_count() or 0)
-    env["torch_threads"] = int(torch.get_num_threads())
-    env["device"] = str(device)
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    env["world_size"] = dist_info.world_size
-    return env
-
-
-def _write_jsonl(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _save(path: str, payload: dict) -> bool:
-    """Atomic save; a failure (disk full, ...) is logged and the previous file stays intact."""
-    try:
-        save_checkpoint(path, payload)
-        return True
-    except OSError as e:
-        log.error("could not write checkpoint %s (%s); the previous %s is intact", path, e, os.path.basename(path))
-        return False
-
-
-def _fmt_table(rows: list[tuple[str, dict]] | dict, title: str) -> str:
-    """A plain-text metrics table: one row per (name, metrics) pair, values in percent."""
-    if isinstance(rows, dict):
-        rows = [("", rows)]
-    first = rows[0][1]
-    keys = [k for k in first if k.startswith("recall@")] + [k for k in ("precision@1", "map@r", "r_precision", "nmi")
-                                                            if k in first]
-    names = [k.replace("recall@", "R@").replace("precision@1", "P@1").replace("map@r", "MAP@R")
-             .replace("r_precision", "RP").replace("nmi", "NMI") for k in keys]
-    widths = [max(6, len(n)) for n in names]
-    label_w = max(len(r[0]) for r in rows)
-    head = " " * label_w + (" | " if label_w else "") + " | ".join(n.rjust(w) for n, w in zip(names, widths))
-    lines = [title, head, "-" * len(head)]
-    for label, m in rows:
-        vals = " | ".join((f"{100 * m[k]:.2f}" if k in m else "-").rjust(w) for k, w in zip(keys, widths))
-        lines.append(label.ljust(label_w) + (" | " if label_w else "") + vals)
-    return "\n".join(lines)
+    method: str = ""
 
 
 # --------------------------------------------------------------------------- train
 
 
 def train(config: Config | dict, out_dir: str, *, resume: bool = False) -> TrainResult:
-    """Train backbone + MPN end to end; evaluate on the test classes at the end (see the module doc)."""
+    """Train the configured method end to end; evaluate on the test classes at the end (see the module doc)."""
     cfg = config if isinstance(config, Config) else Config.from_dict(config)
-    rt, dc, oc = cfg.runtime, cfg.data, cfg.optim
+    rt = cfg.runtime
     last = os.path.join(out_dir, "last.pt")
     if resume and not os.path.isfile(last):  # never silently replace a run's history with a new run
         what = "is a directory, not a checkpoint" if os.path.isdir(last) else "does not exist"
@@ -275,16 +84,14 @@ def train(config: Config | dict, out_dir: str, *, resume: bool = False) -> Train
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(file_handler)
     try:
-        return _train(cfg, out_dir, resume, device, dist_info)
+        return _Run(cfg, out_dir, device, dist_info).train(resume)
     finally:
         if file_handler is not None:
             logging.getLogger().removeHandler(file_handler)
             file_handler.close()
 
 
-def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_info: D.DistInfo) -> TrainResult:
-    rt, dc, oc = cfg.runtime, cfg.data, cfg.optim
-    main = dist_info.is_main
+def _set_determinism(rt, device: torch.device) -> None:
     if rt.threads:
         torch.set_num_threads(rt.threads)
     if rt.deterministic:
@@ -292,324 +99,249 @@ def _train(cfg: Config, out_dir: str, resume: bool, device: torch.device, dist_i
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    seed_everything(rt.seed)
 
-    # ---- data
-    if dc.root:
-        dc.root = os.path.abspath(os.path.expanduser(dc.root))  # the saved config must work from any folder
-    classes = training_classes(dc)
-    train_items = items_of(classes)
-    cfg.model.num_classes = len(classes)
-    protocol = "paper protocol: model selected on the TEST classes (optimistic)" if dc.select_on == "test" else (
-        "validation split of the training classes" if dataset_items(dc, "val") else
-        "no validation split: the final epoch's model is reported; test classes used only for the report")
-    sel_split = "test" if dc.select_on == "test" else ("val" if dc.val_fraction > 0 else None)
-    if main:
-        log.info("data %s: %s", dc.dataset, describe(dc))
-        log.info("protocol: %s", protocol)
-    sampler = PKBatchSampler([y for _, y in train_items], cfg.sampler.classes_per_batch, cfg.sampler.images_per_class,
-                             seed=rt.seed, rank=dist_info.rank, world_size=dist_info.world_size,
-                             random_split=cfg.sampler.random_split, min_k=cfg.sampler.min_images_per_class_split)
-    dataset = TrainDataset(train_items, train_transform(cfg.augment, cfg.preprocess.mean, cfg.preprocess.std),
-                           dc.on_bad_image)
 
-    # ---- model, optimiser
-    model = IBCModel(cfg.model).to(device)
-    channels_last = rt.channels_last is True or (rt.channels_last == "auto" and device.type == "cuda")
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ft = cfg.finetune
-    init_head(model, ft.head_init)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.RAdam(parameter_groups(model, ft.backbone_lr_mult), lr=oc.lr, betas=tuple(oc.betas),
-                                  weight_decay=oc.weight_decay, decoupled_weight_decay=True)
-    adtype = amp_dtype(rt.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=adtype == torch.float16)
+class _Run:
+    """One training run: builds the parts (data, model, method, engine), then runs epochs and the report."""
 
-    last_path, best_path = os.path.join(out_dir, "last.pt"), os.path.join(out_dir, "best.pt")
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    epoch, step, best_value, history = 0, 0, None, []
-    epoch_stats = {"loss": 0.0, "loss_backbone": 0.0, "loss_mpn": 0.0, "n": 0, "images": 0, "time": 0.0}
-    train_time = 0.0
+    def __init__(self, cfg: Config, out_dir: str, device: torch.device, dist_info: D.DistInfo):
+        self.cfg, self.out_dir, self.device, self.dist = cfg, out_dir, device, dist_info
+        self.main = dist_info.is_main
+        self.last_path, self.best_path = os.path.join(out_dir, "last.pt"), os.path.join(out_dir, "best.pt")
+        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
 
-    if resume:
-        ckpt = load_checkpoint(last_path)
-        check_architecture(ckpt, cfg.model, where=last_path)
-        load_model_state(model, ckpt["model"], where=last_path)
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except ValueError as e:
-            raise CheckpointError(f"{last_path}: its optimiser state does not fit this run ({e})") from None
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        try:
-            sampler.load_state_dict(ckpt["sampler"])
-        except ValueError as e:  # another P x K than the run was started with
-            raise TrainingError(f"--resume: {last_path}: {e}; resume with the run's sampler settings") from None
-        set_rng_state(ckpt["rng"])
-        epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
-        best_value = ckpt.get("best_value")
-        history = list(ckpt.get("history", []))
-        epoch_stats = dict(ckpt.get("epoch_stats") or epoch_stats)
-        train_time = float(ckpt.get("train_time_s", 0.0))
-        if main:
-            log.info("resumed %s at epoch %d, step %d (batch %d of the epoch)", last_path, epoch + 1, step,
-                     sampler.start_batch)
-            # the metrics log is rewritten from the checkpoint's history (drops records after it)
-            with open(metrics_path, "w") as f:
-                for r in history:
-                    f.write(json.dumps(r) + "\n")
-    else:
-        if main and os.path.exists(metrics_path):
-            os.remove(metrics_path)
+    # ---- set-up
+    def _build(self) -> None:
+        cfg, rt, dc, oc, ft = self.cfg, self.cfg.runtime, self.cfg.data, self.cfg.optim, self.cfg.finetune
+        device, dist_info = self.device, self.dist
+        _set_determinism(rt, device)
+        seed_everything(rt.seed)
+        if dc.root:
+            dc.root = os.path.abspath(os.path.expanduser(dc.root))  # the saved config must work from any folder
+        classes = training_classes(dc)
+        self.train_items = items_of(classes)
+        cfg.model.num_classes = len(classes)
+        self.protocol, self.sel_split = protocol_of(dc, bool(dataset_items(dc, "val")) if dc.select_on != "test"
+                                                    else False)
+        if self.main:
+            log.info("data %s: %s", dc.dataset, describe(dc))
+            log.info("protocol: %s", self.protocol)
+        self.dataset = TrainDataset(self.train_items,
+                                    train_transform(cfg.augment, cfg.preprocess.mean, cfg.preprocess.std),
+                                    dc.on_bad_image)
 
-    env = environment(device, dist_info)
-    if main:
-        dump_yaml(cfg, os.path.join(out_dir, "config.yaml"))
-        with open(os.path.join(out_dir, "env.json"), "w") as f:
-            json.dump(env, f, indent=2)
+        self.model = model = IBCModel(cfg.model).to(device)
+        self.channels_last = rt.channels_last is True or (rt.channels_last == "auto" and device.type == "cuda")
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        init_head(model, ft.head_init)
+        self.adtype = amp_dtype(rt.amp, device)
+        method_cls = get_method(cfg.method.name)
+        if not method_cls.uses_classifier:  # frozen: no unused trainable parameter under DDP
+            model.classifier.requires_grad_(False)
+        ctx = MethodContext(cfg, dist_info, self.train_items, device, self.channels_last, self.adtype)
+        self.method = method = method_cls(cfg.method, model, ctx).to(device)
+        self.parts = dict(method.parts)
+        self.sampler = method.make_sampler(
+            [y for _, y in self.train_items], classes_per_batch=cfg.sampler.classes_per_batch,
+            images_per_class=cfg.sampler.images_per_class, seed=rt.seed, rank=dist_info.rank,
+            world_size=dist_info.world_size, random_split=cfg.sampler.random_split,
+            min_k=cfg.sampler.min_images_per_class_split)
+        groups = parameter_groups(model, ft.backbone_lr_mult) + method_parameter_group(method)
+        optimizer = torch.optim.RAdam(groups, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay,
+                                      decoupled_weight_decay=True)
+        self.engine = StepEngine(TrainStep(model, method), optimizer, device=device, dist_info=dist_info,
+                                 amp=self.adtype, channels_last=self.channels_last, grad_clip=oc.grad_clip,
+                                 compile=rt.compile, find_unused_parameters=ft.freeze_backbone_epochs > 0)
+        self.engine.nan_advice = (f"The last good checkpoint ({self.last_path}, if any) is kept. "
+                                  + StepEngine.nan_advice)
 
-    step_module: nn.Module = TrainStep(model, cfg.loss, dist_info, rt.mpn_global_batch)
-    if dist_info.enabled:
-        step_module = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=True,
-            find_unused_parameters=cfg.finetune.freeze_backbone_epochs > 0)
-    inner_step = step_module.module if dist_info.enabled else step_module
-    if rt.compile:
-        step_module = torch.compile(step_module)
+    def _resume_or_start(self, resume: bool) -> None:
+        if resume:
+            self.state = restore(self.last_path, self.cfg, self.model, self.method, self.engine, self.sampler,
+                                 tuple(self.parts))
+            if self.main:
+                log.info("resumed %s at epoch %d, step %d (batch %d of the epoch)", self.last_path,
+                         self.state.epoch + 1, self.state.step, self.sampler.start_batch)
+                rewrite_jsonl(self.metrics_path, self.state.history)
+        else:
+            self.state = RunState(parts=tuple(self.parts))
+            if self.main and os.path.exists(self.metrics_path):
+                os.remove(self.metrics_path)
+        self.env = environment(self.device, self.dist)
+        if self.main:
+            dump_yaml(self.cfg, os.path.join(self.out_dir, "config.yaml"))
+            with open(os.path.join(self.out_dir, "env.json"), "w") as f:
+                json.dump(self.env, f, indent=2)
 
-    loader_gen = torch.Generator().manual_seed(rt.seed)  # keeps DataLoader's seed draw off the global RNG
+    def payload(self, extra_metrics: dict | None = None) -> dict:
+        return checkpoint_payload(self.cfg, self.model, self.method, self.engine, self.sampler, self.state,
+                                  self.env, extra_metrics)
 
-    def payload(extra_metrics: dict | None = None) -> dict:
-        return {
-            "model_config": cfg.model.to_dict(),
-            "model": model.state_dict(),
-            "config": cfg.to_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-            "sampler": sampler.state_dict(),
-            "rng": rng_state(),
-            "epoch": epoch,
-            "step": step,
-            "metrics": extra_metrics or (history[-1] if history else {}),
-            "best_value": best_value,
-            "history": history,
-            "epoch_stats": epoch_stats,
-            "train_time_s": train_time,
-            "versions": env,
-        }
+    def evaluate_split(self, split: str, *, nmi: bool = False, seed: int | None = None) -> dict:
+        cfg, rt = self.cfg, self.cfg.runtime
+        items, gallery = _split_items(cfg.data, split)
+        return evaluate_items(self.model, items, cfg.preprocess, gallery=gallery, ks=default_ks(cfg.data.dataset),
+                              nmi=nmi, seed=rt.seed if seed is None else seed, batch_size=rt.eval_batch_size,
+                              num_workers=cfg.data.num_workers, channels_last=self.channels_last,
+                              amp_dtype=self.adtype, progress=rt.progress, desc=f"eval {split}")
 
-    def evaluate_split(split: str) -> dict:
-        items = dataset_items(dc, split)
-        gallery = None
-        if dc.dataset == "inshop" and split == "test":
-            items, gallery = dataset_items(dc, "query"), dataset_items(dc, "gallery")
-        return evaluate_items(model, items, cfg.preprocess, gallery=gallery, ks=default_ks(dc.dataset),
-                              nmi=False, seed=rt.seed, batch_size=rt.eval_batch_size, num_workers=dc.num_workers,
-                              channels_last=channels_last, amp_dtype=adtype, progress=rt.progress,
-                              desc=f"eval {split}")
+    # ---- the run
+    def train(self, resume: bool) -> TrainResult:
+        self._build()
+        self._resume_or_start(resume)
+        stop_reason = self._epochs()
+        test_metrics = self._final(stop_reason)
+        D.barrier()
+        st = self.state
+        return TrainResult(out_dir=self.out_dir, last_checkpoint=self.last_path, best_checkpoint=self.best_path,
+                           test_metrics=test_metrics, best_selection_metric=st.best_value, epochs=st.epoch,
+                           steps=st.step, history=st.history, protocol=self.protocol, train_time_s=st.train_time,
+                           mpn_batch_size=self.engine.inner.last_mpn_batch, method=self.method.name)
 
-    stop_reason = ""
-    max_steps = rt.max_steps
-    while epoch < oc.epochs and not (max_steps is not None and step >= max_steps):
-        sampler.set_epoch(epoch)
-        n_batches = len(sampler)
-        if epoch in oc.reload_best_at and sampler.start_batch == 0 and os.path.isfile(best_path):
-            best = load_checkpoint(best_path)
-            load_model_state(model, best["model"], where=best_path)
-            if main:
-                log.info("epoch %d: reloaded the best model so far from %s", epoch + 1, best_path)
-        model.train()
-        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=dc.num_workers, collate_fn=collate,
-                            generator=loader_gen, persistent_workers=False,
-                            pin_memory=device.type == "cuda")
+    def _epochs(self) -> str:
+        """Train until the epochs or ``runtime.max_steps`` run out; returns why it stopped ('' = completed)."""
+        cfg, rt, oc = self.cfg, self.cfg.runtime, self.cfg.optim
+        st, sampler = self.state, self.sampler
+        loader_gen = torch.Generator().manual_seed(rt.seed)  # keeps DataLoader's seed draw off the global RNG
+        max_steps = rt.max_steps
+        while st.epoch < oc.epochs and not (max_steps is not None and st.step >= max_steps):
+            sampler.set_epoch(st.epoch)
+            self.method.on_epoch_start(st.epoch)
+            n_batches = len(sampler)
+            if st.epoch in oc.reload_best_at and sampler.start_batch == 0 and os.path.isfile(self.best_path):
+                best = load_checkpoint(self.best_path)
+                load_model_state(self.model, best["model"], where=self.best_path)
+                if self.main:
+                    log.info("epoch %d: reloaded the best model so far from %s", st.epoch + 1, self.best_path)
+            self.model.train()
+            self.method.train()
+            loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                                collate_fn=collate, generator=loader_gen, persistent_workers=False,
+                                pin_memory=self.device.type == "cuda")
+            self._epoch_batches(loader, n_batches)
+            if sampler.start_batch < n_batches:  # max_steps reached mid-epoch
+                if self.main:
+                    save(self.last_path, self.payload())
+                return "max_steps"
+            self._end_of_epoch()
+        return ""
+
+    def _epoch_batches(self, loader, n_batches: int) -> None:
+        cfg, rt, oc, ft = self.cfg, self.cfg.runtime, self.cfg.optim, self.cfg.finetune
+        st, sampler, engine, main = self.state, self.sampler, self.engine, self.main
         bar = None
         if rt.progress and main and sys.stderr.isatty():  # a bar in a log file is megabytes of frames
             from tqdm import tqdm
 
-            bar = tqdm(total=n_batches, initial=sampler.start_batch, desc=f"epoch {epoch + 1}/{oc.epochs}",
+            bar = tqdm(total=n_batches, initial=sampler.start_batch, desc=f"epoch {st.epoch + 1}/{oc.epochs}",
                        unit="batch", dynamic_ncols=True, leave=True)
         t_last = t_logged = time.perf_counter()
         try:
             for images, labels, _, ok in loader:
                 b = sampler.start_batch
-                lr = oc.lr * lr_factor(oc, epoch, b, n_batches)
-                frozen = backbone_frozen_at(ft, epoch, b, n_batches)
-                for g in optimizer.param_groups:
-                    g["lr"] = 0.0 if (frozen and g.get("name") == "backbone") else lr * g.get("lr_mult", 1.0)
-                inner_step.backbone_frozen = frozen
-                set_backbone_mode(model.backbone, frozen=frozen, bn_mode=ft.bn_mode)
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=adtype, enabled=adtype is not None):
-                    losses = step_module(images, labels)
-                loss = losses["loss"]
-                finite = torch.isfinite(loss.detach()).all()
-                if dist_info.enabled:  # every rank stops together (no rank left waiting in a collective)
-                    flag = finite.to(torch.int32).reshape(1)
-                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-                    finite = bool(flag.item())
-                if not finite:
-                    raise TrainingError(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped. The last good "
-                        f"checkpoint ({last_path}, if any) is kept. Try a lower optim.lr, optim.grad_clip, or "
-                        f"a higher loss.temperature.")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if oc.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, oc.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
+                lr = oc.lr * lr_factor(oc, st.epoch, b, n_batches)
+                frozen = backbone_frozen_at(ft, st.epoch, b, n_batches)
+                engine.set_lr(lr, frozen)
+                set_backbone_mode(self.model.backbone, frozen=frozen, bn_mode=ft.bn_mode)
+                self.method.on_batch_start(st.epoch, b)
+                losses = engine.step(images, labels, where=f"epoch {st.epoch + 1}, step {st.step + 1}")
                 sampler.start_batch = b + 1
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
-                train_time += dt
-                n_img = images.shape[0] * dist_info.world_size
-                epoch_stats["n"] += 1
-                epoch_stats["images"] += n_img
-                epoch_stats["time"] += dt
-                for k in ("loss", "loss_backbone", "loss_mpn"):
-                    if k in losses:
-                        epoch_stats[k] += float(losses[k].detach())
+                st.add_step(losses, images.shape[0] * self.dist.world_size, dt)
+                es = st.epoch_stats
                 if bar is None and main and now - t_logged > 60:  # no bar: a line a minute instead
                     t_logged = now
-                    log.info("epoch %d: batch %d/%d, loss %.4f, %.1f img/s", epoch + 1, b + 1, n_batches,
-                             epoch_stats["loss"] / epoch_stats["n"], epoch_stats["images"] / epoch_stats["time"])
+                    log.info("epoch %d: batch %d/%d, loss %.4f, %.1f img/s", st.epoch + 1, b + 1, n_batches,
+                             es["loss"] / es["n"], es["images"] / es["time"])
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{epoch_stats['loss'] / epoch_stats['n']:.3f}", lr=f"{lr:.2e}",
-                                    img_s=f"{epoch_stats['images'] / max(1e-9, epoch_stats['time']):.1f}")
-                if rt.checkpoint_every_steps and step % rt.checkpoint_every_steps == 0 and main:
-                    _save(last_path, payload())
-                if max_steps is not None and step >= max_steps:
+                    bar.set_postfix(loss=f"{es['loss'] / es['n']:.3f}", lr=f"{lr:.2e}",
+                                    img_s=f"{es['images'] / max(1e-9, es['time']):.1f}")
+                if rt.checkpoint_every_steps and st.step % rt.checkpoint_every_steps == 0 and main:
+                    save(self.last_path, self.payload())
+                if rt.max_steps is not None and st.step >= rt.max_steps:
                     break
         except BadImageError as e:
             if bar is not None:
                 bar.close()
             if main:
-                _save(last_path, payload())
-            raise TrainingError(f"{e}. Stopped; {last_path} holds the run so far (fix or remove the file, "
+                save(self.last_path, self.payload())
+            raise TrainingError(f"{e}. Stopped; {self.last_path} holds the run so far (fix or remove the file, "
                                 "then --resume).") from None
         finally:
             if bar is not None:
                 bar.close()
-        if dataset.bad and main:
-            log.warning("epoch %d: %d unreadable training image(s) skipped: %s", epoch + 1, len(dataset.bad),
-                        ", ".join(sorted(dataset.bad)[:5]) + (" ..." if len(dataset.bad) > 5 else ""))
-        epoch_done = sampler.start_batch >= n_batches
-        if not epoch_done:  # max_steps reached mid-epoch
-            if main:
-                _save(last_path, payload())
-            stop_reason = "max_steps"
-            break
+        if self.dataset.bad and main:
+            bad = self.dataset.bad
+            log.warning("epoch %d: %d unreadable training image(s) skipped: %s", st.epoch + 1, len(bad),
+                        ", ".join(sorted(bad)[:5]) + (" ..." if len(bad) > 5 else ""))
 
-        # ---- end of epoch: log, validate, checkpoint
-        n = max(1, epoch_stats["n"])
-        record: dict[str, Any] = {
-            "epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[-1]["lr"],
-            "lr_backbone": optimizer.param_groups[0]["lr"],
-            "loss": epoch_stats["loss"] / n, "loss_backbone": epoch_stats["loss_backbone"] / n,
-            "loss_mpn": (epoch_stats["loss_mpn"] / n) if model.mpn is not None else None,
-            "images_per_s": epoch_stats["images"] / max(1e-9, epoch_stats["time"]),
-            "epoch_time_s": epoch_stats["time"],
-        }
-        epoch += 1
-        sampler.set_epoch(epoch)
-        epoch_stats = {"loss": 0.0, "loss_backbone": 0.0, "loss_mpn": 0.0, "n": 0, "images": 0, "time": 0.0}
+    def _end_of_epoch(self) -> None:
+        """Log, validate (select), checkpoint and plot the epoch that just ended."""
+        rt, oc, st, sel = self.cfg.runtime, self.cfg.optim, self.state, self.sel_split
+        record = epoch_record(st, self.engine.optimizer, self.parts)
+        st.epoch += 1
+        self.sampler.set_epoch(st.epoch)
+        st.reset_epoch_stats()
         improved = False
-        if sel_split and (epoch % rt.eval_every == 0 or epoch == oc.epochs):
-            if main:
+        if sel and (st.epoch % rt.eval_every == 0 or st.epoch == oc.epochs):
+            if self.main:
                 t0 = time.perf_counter()
-                m = evaluate_split(sel_split)
-                record.update({f"{sel_split}/{k}": v for k, v in m.items() if isinstance(v, float)})
+                m = self.evaluate_split(sel)
+                record.update({f"{sel}/{k}": v for k, v in m.items() if isinstance(v, float)})
                 record["eval_time_s"] = time.perf_counter() - t0
-                value = m[dc.select_metric]
-                improved = best_value is None or value > best_value
+                value = m[self.cfg.data.select_metric]
+                improved = st.best_value is None or value > st.best_value
                 if improved:
-                    best_value = value
+                    st.best_value = value
             improved = D.broadcast_object(improved)
-            best_value = D.broadcast_object(best_value)
-        history.append(record)
-        if main:
-            msg = (f"epoch {record['epoch']}: loss {record['loss']:.4f} (backbone {record['loss_backbone']:.4f}"
-                   + (f", MPN {record['loss_mpn']:.4f}" if record["loss_mpn"] is not None else "")
-                   + f"), {record['images_per_s']:.1f} img/s")
-            if sel_split and f"{sel_split}/recall@1" in record:
-                msg += (f", {sel_split} R@1 {100 * record[f'{sel_split}/recall@1']:.2f}, MAP@R "
-                        f"{100 * record[f'{sel_split}/map@r']:.2f}" + (" (best)" if improved else ""))
-            log.info(msg)
-            _write_jsonl(metrics_path, record)
-            _save(last_path, payload())
-            if improved or not sel_split:
-                _save(best_path, payload(record))
-            try:
-                from trainer.plots import plot_metrics
-
-                plot_metrics(history, os.path.join(out_dir, "plots"))
-            except Exception as e:  # noqa: BLE001 - a plot must never end a run
-                log.warning("could not draw plots: %s", e)
+            st.best_value = D.broadcast_object(st.best_value)
+        st.history.append(record)
+        if self.main:
+            log.info(epoch_line(record, self.parts, sel, improved))
+            write_jsonl(self.metrics_path, record)
+            save(self.last_path, self.payload())
+            if improved or not sel:
+                save(self.best_path, self.payload(record))
+            draw_plots(st.history, self.out_dir, self.parts)
         D.barrier()
 
-    # ---- final report on the test classes (main process)
-    test_metrics: dict = {}
-    if main:
-        if not os.path.isfile(best_path) and os.path.isfile(last_path):
-            shutil.copyfile(last_path, best_path)
-        report_ckpt = best_path if (sel_split and os.path.isfile(best_path)) else None
-        if report_ckpt:
-            best = load_checkpoint(report_ckpt)
-            load_model_state(model, best["model"], where=report_ckpt)
-            chosen = f"best on {sel_split} (epoch {best.get('epoch')})"
+    def _final(self, stop_reason: str) -> dict:
+        """The test-class report (main process): the selected model, and the zero-shot row when pretrained."""
+        if not self.main:
+            return {}
+        cfg, rt, dc, st, sel = self.cfg, self.cfg.runtime, self.cfg.data, self.state, self.sel_split
+        if not os.path.isfile(self.best_path) and os.path.isfile(self.last_path):
+            shutil.copyfile(self.last_path, self.best_path)
+        if sel and os.path.isfile(self.best_path):
+            best = load_checkpoint(self.best_path)
+            load_model_state(self.model, best["model"], where=self.best_path)
+            chosen = f"best on {sel} (epoch {best.get('epoch')})"
         else:
-            chosen = f"last (epoch {epoch})"
+            chosen = f"last (epoch {st.epoch})"
         t0 = time.perf_counter()
-        if rt.test_report:
-            items, gallery = _split_items(dc, "test")
-            test_metrics = evaluate_items(model, items, cfg.preprocess, gallery=gallery, ks=default_ks(dc.dataset),
-                                          nmi=rt.nmi, seed=rt.seed, batch_size=rt.eval_batch_size,
-                                          num_workers=dc.num_workers, channels_last=channels_last,
-                                          amp_dtype=adtype, progress=rt.progress, desc="eval test")
+        test_metrics = self.evaluate_split("test", nmi=rt.nmi) if rt.test_report else {}
         baseline = None
         if cfg.model.pretrained and rt.baseline and rt.test_report:
             from trainer.baseline import pretrained_baseline
 
-            baseline = pretrained_baseline(cfg, device=device, channels_last=channels_last, amp_dtype=adtype)
-        final = {"test": test_metrics, "model": chosen, "protocol": protocol, "epochs": epoch, "steps": step,
-                 "train_time_s": train_time, "eval_time_s": time.perf_counter() - t0,
-                 f"best_selection_{dc.select_metric}": best_value, "selection_split": sel_split,
+            baseline = pretrained_baseline(cfg, device=self.device, channels_last=self.channels_last,
+                                           amp_dtype=self.adtype)
+        final = {"test": test_metrics, "model": chosen, "protocol": self.protocol, "epochs": st.epoch,
+                 "steps": st.step, "train_time_s": st.train_time, "eval_time_s": time.perf_counter() - t0,
+                 f"best_selection_{dc.select_metric}": st.best_value, "selection_split": sel,
                  "selection_metric": dc.select_metric,
+                 "method": cfg.method.name, "embedding": self.method.embedding,
                  "use_mpn": cfg.model.use_mpn, "seed": rt.seed, "stopped": stop_reason or "completed",
-                 "load_avg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, "env": env}
+                 "load_avg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, "env": self.env}
         if baseline is not None:
             final["baseline"] = {"test": baseline, "model": f"{cfg.model.backbone} ImageNet weights, no training "
                                  f"({cfg.model.pooling}-pooled trunk features, no head)"}
-        with open(os.path.join(out_dir, "final_metrics.json"), "w") as f:
-            json.dump(final, f, indent=2)
-        try:
-            from trainer.plots import plot_metrics
-
-            plot_metrics(history, os.path.join(out_dir, "plots"), final=test_metrics)
-        except Exception as e:  # noqa: BLE001
-            log.warning("could not draw plots: %s", e)
-        if test_metrics:
-            title = f"Test classes ({dc.dataset}, model: {chosen}; {protocol})"
-            rows = [("starting point (pretrained, untrained)", baseline)] if baseline else []
-            log.info("\n%s", _fmt_table(rows + [("trained", test_metrics)], title))
-        else:
-            log.info("test classes not evaluated (runtime.test_report=false); best %s %s: %s", sel_split,
-                     dc.select_metric, best_value)
-    D.barrier()
-    inner = step_module.module if isinstance(step_module, nn.parallel.DistributedDataParallel) else step_module
-    inner = getattr(inner, "_orig_mod", inner)
-    if isinstance(inner, nn.parallel.DistributedDataParallel):
-        inner = inner.module
-    return TrainResult(out_dir=out_dir, last_checkpoint=last_path, best_checkpoint=best_path, test_metrics=test_metrics,
-                       best_selection_metric=best_value, epochs=epoch, steps=step, history=history, protocol=protocol,
-                       train_time_s=train_time, mpn_batch_size=getattr(inner, "last_mpn_batch", None))
+        final_report(self.out_dir, final, st.history, self.parts,
+                     f"Test classes ({dc.dataset}, method {cfg.method.name}, model: {chosen}; {self.protocol})")
+        return test_metrics
 
 
 # --------------------------------------------------------------------------- evaluation of a saved checkpoint
@@ -686,6 +418,6 @@ def evaluate_checkpoint(path: str, *, data_root: str | None = None, overrides: d
     return m
 
 
-__all__ = ["train", "TrainResult", "TrainingError", "TrainStep", "evaluate_checkpoint", "lr_factor",
-           "parameter_groups",
-           "CheckpointError"]
+__all__ = ["train", "TrainResult", "TrainingError", "TrainStep", "StepEngine", "evaluate_checkpoint", "lr_factor",
+           "parameter_groups", "backbone_frozen_at", "set_backbone_mode", "init_head", "rng_state", "set_rng_state",
+           "CheckpointError", "ModelConfig", "Any"]

@@ -8,9 +8,16 @@ import os
 log = logging.getLogger(__name__)
 
 
-def plot_metrics(records: list[dict], out_dir: str, final: dict | None = None) -> list[str]:
+# IBC's parts: the labels of runs logged before methods named their own
+DEFAULT_PARTS = {"loss_backbone": "backbone CE", "loss_mpn": "MPN CE"}
+
+
+def plot_metrics(records: list[dict], out_dir: str, final: dict | None = None,
+                 parts: dict[str, str] | None = None) -> list[str]:
     """Write ``loss.png`` and ``recall.png`` from per-epoch records; returns the paths written.
 
+    ``loss.png`` shows the total loss and each part the training method reports (``parts``:
+    record key -> label; a part equal to the total is drawn once).
     ``recall.png`` shows the per-epoch validation (or test, paper protocol) Recall@K; ``final``
     (the test report) adds the final test Recall@K as stars at the last epoch.
     """
@@ -26,9 +33,11 @@ def plot_metrics(records: list[dict], out_dir: str, final: dict | None = None) -
     epochs = [r["epoch"] for r in records]
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("loss", "total"), ("loss_backbone", "backbone CE"), ("loss_mpn", "MPN CE")):
+    parts = DEFAULT_PARTS if parts is None else parts
+    total = [(r["epoch"], r["loss"]) for r in records if r.get("loss") is not None]
+    for key, label in (("loss", "total"), *parts.items()):
         pts = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
-        if pts:
+        if pts and (key == "loss" or pts != total):
             ax.plot(*zip(*pts), marker="o", label=label)
     written.append(_finish(plt, fig, ax, "training loss", os.path.join(out_dir, "loss.png")))
 

@@ -1,0 +1,234 @@
+"""Every training method on the same backbone, image size, sampler, augmentations and budget; N seeds.
+
+    python bench/compare_methods.py --dataset flowers --dataset omniglot          # runs, then the table
+    python bench/compare_methods.py --dataset flowers --table-only                # table from finished runs
+    python bench/compare_methods.py --dataset omniglot --max-steps 3 --seeds 1 \\
+        --runs-dir /tmp/cmp --results-md /tmp/cmp/RESULTS.md --chart /tmp/cmp/chart.png   # smoke test
+
+Methods: ``ibc``, ``ce``, ``group_loss``, ``divide_conquer`` with every seed; the classic losses
+(``pml-<loss>``, pytorch-metric-learning) get a 1-seed screen (seed 0) and the best of them on
+R@1 runs the remaining seeds too; the screen stays in the table. Each run is ``ibc-train --config
+<preset> --set method.name=...`` in ``RUNS/<dataset>/<entry>-s<seed>``; its summary is one JSON file
+``RUNS/<dataset>/<entry>-s<seed>.json``. A run with a summary is never repeated; one that was
+stopped (``last.pt``, no summary) continues with ``--resume``; so the comparison can be spread over
+several sittings. The table (mean ± std of R@1/2/4/8, MAP@R, NMI and training minutes; the zero-shot
+row when the backbone is pretrained) replaces this dataset's section of ``--results-md`` and a bar
+chart of R@1 goes to ``--chart``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = {"flowers": "configs/flowers102-lite0-cpu.yaml", "omniglot": "configs/omniglot-cpu.yaml"}
+CORE = ["ibc", "ce", "group_loss", "divide_conquer"]
+PML_LOSSES = ["triplet", "contrastive", "multi_similarity", "proxy_anchor", "normalized_softmax", "arcface"]
+KEYS = [("recall@1", "R@1"), ("recall@2", "R@2"), ("recall@4", "R@4"), ("recall@8", "R@8"), ("map@r", "MAP@R"),
+        ("nmi", "NMI")]
+
+
+def entry_sets(entry: str) -> list[str]:
+    """The --set overrides that select one table entry's method."""
+    if entry.startswith("pml-"):
+        return ["method.name=pml", f"method.loss={entry[4:]}"]
+    return [f"method.name={entry}"]
+
+
+def summary_path(runs: Path, dataset: str, entry: str, seed: int) -> Path:
+    return runs / dataset / f"{entry}-s{seed}.json"
+
+
+def run_one(runs: Path, dataset: str, entry: str, seed: int, extra: list[str]) -> dict | None:
+    """Train (or resume, or skip) one run; returns its summary, None if it failed."""
+    summary = summary_path(runs, dataset, entry, seed)
+    if summary.is_file():
+        return json.loads(summary.read_text())
+    out = runs / dataset / f"{entry}-s{seed}"
+    cmd = [sys.executable, "-m", "trainer.cli", "--config", PRESETS[dataset], "--out", str(out), "--seed", str(seed),
+           "--set", "runtime.progress=false"]
+    for s in entry_sets(entry) + extra:
+        cmd += ["--set", s]
+    if (out / "last.pt").is_file():
+        cmd.append("--resume")
+    print(" ".join(cmd), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(str(out) + ".log", "a") as log:
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    print(f"  rc={rc} in {time.time() - t0:.0f}s", flush=True)
+    final = out / "final_metrics.json"
+    if rc != 0 or not final.is_file():
+        return None
+    d = json.loads(final.read_text())
+    result = {"dataset": dataset, "entry": entry, "seed": seed, "test": d["test"], "baseline": d.get("baseline"),
+              "epochs": d["epochs"], "steps": d["steps"], "train_time_s": d["train_time_s"],
+              "stopped": d.get("stopped"), "load_avg_end": d.get("load_avg_end"), "config": PRESETS[dataset],
+              "overrides": entry_sets(entry) + extra, "run": str(out)}
+    summary.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def best_pml(results: list[dict]) -> str | None:
+    screened = [r for r in results if r["entry"].startswith("pml-") and r["seed"] == 0]
+    return max(screened, key=lambda r: r["test"]["recall@1"])["entry"] if screened else None
+
+
+def _cell(vals: list[float]) -> str:
+    if not vals:
+        return "-"
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.mean(vals):.2f} ± {sd:.2f}"
+
+
+def table(dataset: str, results: list[dict]) -> str:
+    rows = [r for r in results if r["dataset"] == dataset]
+    head = ["method", "seeds"] + [name for _, name in KEYS] + ["train min/run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    baseline = next((r["baseline"]["test"] for r in rows if r.get("baseline")), None)
+    if baseline:
+        lines.append("| zero-shot (pretrained, no training) | - | "
+                     + " | ".join(f"{100 * baseline[k]:.2f}" if k in baseline else "-" for k, _ in KEYS) + " | 0 |")
+    entries = sorted(dict.fromkeys(r["entry"] for r in rows),
+                     key=lambda e: -statistics.mean(100 * r["test"]["recall@1"] for r in rows if r["entry"] == e))
+    for e in entries:
+        rs = [r for r in rows if r["entry"] == e]
+        cells = [e, ",".join(str(r["seed"]) for r in rs)]
+        cells += [_cell([100 * r["test"][k] for r in rs if k in r["test"]]) for k, _ in KEYS]
+        cells.append(f"{statistics.mean(r['train_time_s'] for r in rs) / 60:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine_note(results: list[dict]) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        cpu = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), cpu)
+    except OSError:
+        pass
+    loads = [r["load_avg_end"][0] for r in results if r.get("load_avg_end")]
+    load = f"; 1-min load average at the end of the runs {min(loads):.1f}-{max(loads):.1f}" if loads else ""
+    return f"CPU: {cpu}, {os.cpu_count()} cores{load} (a load above the core count means a shared machine)."
+
+
+def write_section(md: Path, dataset: str, body: str) -> None:
+    """Replace (or append) this dataset's marked section of the results file."""
+    start, end = f"<!-- compare_methods:{dataset} -->", f"<!-- /compare_methods:{dataset} -->"
+    block = f"{start}\n{body}\n{end}"
+    text = md.read_text() if md.is_file() else ""
+    if start in text and end in text:
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(text)
+
+
+def bar_chart(path: Path, results: list[dict], datasets: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        rows = [r for r in results if r["dataset"] == dataset]
+        entries = sorted(dict.fromkeys(r["entry"] for r in rows))
+        means, sds = [], []
+        for e in entries:
+            vals = [100 * r["test"]["recall@1"] for r in rows if r["entry"] == e]
+            means.append(statistics.mean(vals))
+            sds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        ax.bar(range(len(entries)), means, yerr=sds, capsize=3, color=[f"C{i % 10}" for i in range(len(entries))])
+        base = next((r["baseline"]["test"]["recall@1"] for r in rows if r.get("baseline")), None)
+        if base is not None:
+            ax.axhline(100 * base, color="k", linestyle="--", linewidth=1, label="zero-shot")
+            ax.legend()
+        ax.set_xticks(range(len(entries)), entries, rotation=45, ha="right")
+        ax.set_ylabel("test R@1 (%)")
+        ax.set_title(dataset)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", action="append", choices=sorted(PRESETS), required=True)
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for the core methods and the best PML loss")
+    p.add_argument("--methods", default=",".join(CORE), help="comma list of core entries")
+    p.add_argument("--pml", default=",".join(PML_LOSSES), help="PML losses to screen (comma list; '' = none)")
+    p.add_argument("--epochs", type=int, default=None, help="override the preset's optim.epochs (the budget)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop every run after N steps (smoke tests)")
+    p.add_argument("--set", dest="extra", action="append", default=[], help="extra --set for every run")
+    p.add_argument("--runs-dir", default=str(ROOT / "runs" / "methods"))
+    p.add_argument("--results-md", default=str(ROOT / "bench" / "RESULTS.md"))
+    p.add_argument("--chart", default=str(ROOT / "bench" / "compare_methods.png"))
+    p.add_argument("--table-only", action="store_true", help="no training: the table from finished runs")
+    args = p.parse_args()
+    extra = list(args.extra)
+    if args.epochs is not None:
+        extra.append(f"optim.epochs={args.epochs}")
+    if args.max_steps is not None:
+        extra.append(f"runtime.max_steps={args.max_steps}")
+    runs = Path(args.runs_dir)
+    core = [m for m in args.methods.split(",") if m]
+    pml = [f"pml-{loss}" for loss in args.pml.split(",") if loss]
+    seeds = list(range(args.seeds))
+    results: list[dict] = []
+    failed: list[str] = []
+
+    def one(dataset: str, entry: str, seed: int) -> None:
+        if args.table_only:
+            path = summary_path(runs, dataset, entry, seed)
+            r = json.loads(path.read_text()) if path.is_file() else None
+        else:
+            r = run_one(runs, dataset, entry, seed, extra)
+            if r is None:
+                failed.append(f"{dataset}/{entry}-s{seed}")
+        if r is not None:
+            results.append(r)
+
+    for dataset in args.dataset:
+        for entry in pml:  # the 1-seed screen first: it decides which classic loss gets all seeds
+            one(dataset, entry, 0)
+        best = best_pml([r for r in results if r["dataset"] == dataset])
+        for seed in seeds:
+            for entry in core + ([best] if best else []):
+                if entry == best and seed == 0:
+                    continue
+                one(dataset, entry, seed)
+    for dataset in args.dataset:
+        rows = [r for r in results if r["dataset"] == dataset]
+        if not rows:
+            continue
+        budget = sorted({f"{r['epochs']} epochs / {r['steps']} steps" for r in rows})
+        body = (f"### Methods compared: {dataset} ({PRESETS[dataset]})\n\n"
+                f"`{shlex.join(['python', 'bench/compare_methods.py', *sys.argv[1:]])}`; same backbone, image size, sampler, "
+                f"augmentations and budget for every method ({', '.join(budget)}); test classes; mean ± std over "
+                f"seeds; the classic losses screened with seed 0, the best with all seeds. "
+                f"{machine_note(rows)}\n\n{table(dataset, rows)}\n\n![R@1 by method]({os.path.relpath(args.chart, Path(args.results_md).parent)})")
+        write_section(Path(args.results_md), dataset, body)
+        print(f"\n{dataset}\n{table(dataset, rows)}")
+    if results:
+        bar_chart(Path(args.chart), results, [d for d in args.dataset if any(r["dataset"] == d for r in results)])
+    if failed:
+        print("failed runs (see their .log): " + ", ".join(failed), file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

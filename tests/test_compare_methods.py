@@ -1,0 +1,35 @@
+"""bench/compare_methods.py's bookkeeping without training: the PML screen's pick, the table
+(mean ± std, the zero-shot row) and the marked section it rewrites in a results file."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("compare_methods", ROOT / "bench" / "compare_methods.py")
+cm = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cm)
+
+
+def _r(entry, seed, r1, baseline=None):
+    test = {"recall@1": r1, "recall@2": r1, "recall@4": 1.0, "recall@8": 1.0, "map@r": r1 / 2, "nmi": 0.5}
+    return {"dataset": "flowers", "entry": entry, "seed": seed, "test": test, "train_time_s": 120.0,
+            "baseline": {"test": baseline} if baseline else None}
+
+
+def test_screen_pick_table_and_section(tmp_path):
+    base = {"recall@1": 0.4, "recall@2": 0.5, "recall@4": 0.6, "recall@8": 0.7, "map@r": 0.1, "nmi": 0.3}
+    rows = [_r("ibc", 0, 0.60, base), _r("ibc", 1, 0.62), _r("pml-triplet", 0, 0.50), _r("pml-arcface", 0, 0.55)]
+    assert cm.best_pml(rows) == "pml-arcface"
+    assert cm.entry_sets("pml-arcface") == ["method.name=pml", "method.loss=arcface"]
+    t = cm.table("flowers", rows)
+    lines = t.splitlines()
+    assert lines[2].startswith("| zero-shot") and "40.00" in lines[2]
+    assert lines[3].startswith("| ibc | 0,1 | 61.00 ± 1.41")  # best first, mean ± std over the seeds
+    assert lines[4].startswith("| pml-arcface | 0 | 55.00 ± 0.00")
+    md = tmp_path / "R.md"
+    md.write_text("# Results\n\nkept\n")
+    cm.write_section(md, "flowers", "first")
+    cm.write_section(md, "flowers", "second")  # replaced, not appended
+    text = md.read_text()
+    assert text.count("<!-- compare_methods:flowers -->") == 1 and "second" in text and "first" not in text
+    assert text.startswith("# Results\n\nkept")
