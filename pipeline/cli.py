@@ -1,6 +1,6 @@
 """``ibc-run``: the main job in one command, resumable, ending with a report.
 
-    ibc-run --out runs/flowers                                  # the Flowers preset (configs/flowers102-cpu.yaml)
+    ibc-run --out runs/flowers                                  # the Flowers preset (configs/flowers102-lite0-cpu.yaml)
     ibc-run --out runs/mine --folder photos/                    # any photos/<class>/<image> folder
     ibc-run --out runs/flowers --from export --tolerance int8=1  # redo export and everything after it
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 
-DEFAULT_PRESET = "flowers102-cpu"
+DEFAULT_PRESET = "flowers102-lite0-cpu"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
