@@ -39,7 +39,7 @@ READER = """
     path, seconds = sys.argv[1], float(sys.argv[2])
     loads, errors, sizes = 0, [], set()
     end = time.time() + seconds
-    while time.time() < end:
+    while time.time() < end and not (loads >= 150 and len(sizes) == 2):  # a busy machine may need longer
         try:
             cat = Catalog.load(path)
             sizes.add(len(cat))
@@ -58,17 +58,17 @@ def test_reader_process_always_sees_a_whole_catalogue_while_saves_replace_it(tmp
     large.add(x)
     large.remove(list(range(10)))  # tombstones: one more file to read consistently
     path = small.save(tmp_path / "cat")
-    reader = python(READER, path, "6")
-    end = time.time() + 5
+    reader = python(READER, path, "120")
+    end = time.time() + 150
     saves = 0
-    while time.time() < end:
+    while reader.poll() is None and time.time() < end:
         (large if saves % 2 else small).save(path)
         saves += 1
     out, err = reader.communicate(timeout=60)
     loads, errors, sizes = out.split(" ", 2)[:2] + [out.split(" ", 2)[2]]
     assert reader.returncode == 0, err[-2000:]
     assert int(errors) == 0, out
-    assert int(loads) > 10 and saves > 10 and "1000" in sizes and "3990" in sizes, out
+    assert int(loads) >= 150 and saves > 10 and "1000" in sizes and "3990" in sizes, out
     assert not leftovers(path)
 
 

@@ -20,7 +20,9 @@ from click.testing import CliRunner
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
-from sdk.catalog import Catalog, CatalogError, CatalogMismatchError, DuplicateIdError, StoreError, UnknownIdError  # noqa: E402
+from sdk.catalog import (  # noqa: E402
+    Catalog, CatalogError, CatalogMismatchError, DuplicateIdError, StoreError, UnknownIdError,
+)
 from sdk.catalog.milvus import MilvusStore, parse_store_uri  # noqa: E402
 
 DIM = 32

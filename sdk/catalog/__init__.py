@@ -8,7 +8,15 @@ the id map (:mod:`~sdk.catalog.ids`), the lock, the folder on disk
 :mod:`~sdk.catalog.milvus` keeps the same catalogue in a Milvus collection instead.
 """
 
-from sdk.catalog.catalog import AUTO_FLAT_MAX, ENTRIES_FILE, INDEX_TYPES, MIN_PQ_TRAIN, Catalog, choose_index, estimate_bytes
+from sdk.catalog.catalog import (
+    AUTO_FLAT_MAX,
+    ENTRIES_FILE,
+    INDEX_TYPES,
+    MIN_PQ_TRAIN,
+    Catalog,
+    choose_index,
+    estimate_bytes,
+)
 from sdk.catalog.errors import (
     CatalogError,
     CatalogFormatError,
