@@ -9,11 +9,13 @@ channels_last, ONNX Runtime int8 S8S8 (vs our U8S8) and OpenVINO int8 from NNCF'
 (``nncf.quantize`` + default compile config), the baseline our int8 should beat.
 
 Random weights make the parity (Recall@K) numbers of this run meaningless, so the export runs
-with ``allow_drop`` and no accuracy control; accuracy is measured on a trained checkpoint:
-``--bundle`` times the variants of an existing bundle (e.g. the Flowers export) instead.
+with ``allow_drop`` and no accuracy control (ONNX Runtime's or NNCF's); accuracy is measured on a
+trained checkpoint: ``--bundle`` times the variants of an existing bundle (e.g. the Flowers or the
+EfficientNet-Lite0 export, whose int8 variants keep the layers accuracy control chose in float) instead.
 
     python bench/bench_embed.py                          # ResNet-50 224², writes bench/out/bench_embed.json
     python bench/bench_embed.py --bundle flowers.ibc     # time an exported bundle's variants
+    python bench/bench_embed.py --bundle lite0.ibc       # e.g. EfficientNet-Lite0 at 224² (size from the bundle)
     python bench/bench_embed.py --backbone resnet18 --size 112 --min-time 2   # quick
 """
 
@@ -175,6 +177,7 @@ def prepare(args, work: Path) -> dict:
         export_bundle(ckpt, str(bundle), backends="onnx,openvino", precisions="fp32,fp16,bf16,int8",
                       calib_data=str(calib), parity_data=str(parity), calib_size=args.calib_images, allow_drop=True,
                       tolerance="int8=100,fp16=100,bf16=100,fp32=100", ks=(1,), progress=False,
+                      ort_int8=OrtInt8Options(accuracy_control=False),
                       ov_int8=OvInt8Options(accuracy_control=False, float_precision=args.int8_float,
                                             subset_size=args.calib_images))
         manifest = load_manifest(str(bundle))

@@ -176,12 +176,12 @@ def _sets(source: ExportSource, plan, *, calib_data, parity_data, val_data, cali
             except DataSetError as e:
                 log.info("no validation split in the checkpoint's dataset (%s)", e)
             if val is None:
-                log.warning("the checkpoint's dataset has no validation split: OpenVINO int8 accuracy control tunes "
+                log.warning("the checkpoint's dataset has no validation split: int8 accuracy control tunes "
                             "on training-class images (the parity gate stays on the held-out classes)")
                 val = checkpoint_set(data, "train", "validation")
                 val_note = "no validation split: accuracy control used training-class images"
         if val is None:
-            log.warning("no separate validation split (pass --val-data): OpenVINO int8 accuracy control tunes on the "
+            log.warning("no separate validation split (pass --val-data): int8 accuracy control tunes on the "
                         "parity set itself, so its parity numbers are optimistic")
             val = parity
             val_note = "accuracy control tuned on the parity set (no separate validation split)"
@@ -237,15 +237,21 @@ class _Builder:
             rel = "onnx/model.fp32.onnx"
             shutil.copyfile(self.fp32_onnx, self._path(rel))
             return BuiltVariant(name, "onnxruntime", precision, [rel], notes="fp32 ONNX (dynamic batch)")
+        from export.ort_accuracy_control import describe, quantize_int8_with_accuracy_control
         from export.ort_quantize import quantize_int8
 
         rel = "onnx/model.int8.onnx"
-        summary = quantize_int8(self.fp32_onnx, self._path(rel), self.calib, self.ort_int8, workdir=self.work,
-                                progress=self.progress)
         o = self.ort_int8
+        if o.accuracy_control:
+            summary = quantize_int8_with_accuracy_control(self.fp32_onnx, self._path(rel), self.calib, self.val, o,
+                                                          workdir=self.work, progress=self.progress)
+        else:
+            summary = quantize_int8(self.fp32_onnx, self._path(rel), self.calib, o, workdir=self.work,
+                                    progress=self.progress)
         notes = (f"static QDQ int8, {o.scheme.upper()} ({'per-channel' if o.per_channel else 'per-tensor'} weights), "
                  f"{o.calibrate_method} calibration on {len(self.calib)} training images"
-                 + (f"; kept float: {', '.join(o.keep_float)}" if o.keep_float else ""))
+                 + (f"; kept float: {', '.join(o.keep_float)}" if o.keep_float else "")
+                 + (f"; {describe(summary['accuracy_control'])}" if "accuracy_control" in summary else ""))
         return BuiltVariant(name, "onnxruntime", precision, [rel], notes=notes, build={"quantization": summary})
 
     def _openvino(self, name, precision) -> BuiltVariant:
@@ -375,7 +381,8 @@ def export_bundle(
     ov_int8 = ov_int8 or OvInt8Options()
     source = load_source(checkpoint, data_root=data_root)
     ks = tuple(int(k) for k in (ks or gate_ks(source.config)))
-    need_val = ("openvino", "int8") in plan and ov_int8.accuracy_control
+    need_val = (("openvino", "int8") in plan and ov_int8.accuracy_control) or (
+        ("onnxruntime", "int8") in plan and ort_int8.accuracy_control)
 
     with tempfile.TemporaryDirectory(prefix="ibc-export-", dir=workdir) as work:
         parity_set, calib_set, val_set, val_note = _sets(

@@ -90,6 +90,11 @@ def _ints(ctx, param, value):
 @click.option("--ort-keep-float", default="head",
               help="ONNX Runtime int8: comma list of ONNX node names/globs left in float ('head' = embedding head; "
                    "'' = none)")
+@click.option("--ort-accuracy-control/--no-ort-accuracy-control", default=True,
+              help="ONNX Runtime int8: keep the most sensitive nodes float until the validation Recall@1 drop is "
+                   "within --ort-max-drop")
+@click.option("--ort-max-drop", default=0.3, type=click.FloatRange(0), help="ONNX Runtime int8 accuracy-control "
+              "target, Recall@1 points")
 @click.option("--ov-keep-float", default="", help="OpenVINO int8: 'head' and/or regex patterns of nodes left in float")
 @click.option("--ov-accuracy-control/--no-ov-accuracy-control", default=True,
               help="OpenVINO int8: revert layers to float until the validation Recall@1 drop is within --ov-max-drop")
@@ -110,8 +115,8 @@ def _ints(ctx, param, value):
 @click.option("--verbose", "-v", is_flag=True, help="debug logging")
 def main(checkpoint, out, backends, precisions, calib_data, parity_data, val_data, data_root, tolerance, ks, allow_drop,
          overwrite, calib_size, parity_limit, val_limit, batch_size, calib_method, ort_scheme, ort_keep_float,
-         ov_keep_float, ov_accuracy_control, ov_max_drop, ov_preset, ov_activation_range, ov_fast_bias_correction,
-         ov_int8_float, opset, trt_weak_typing, seed, quiet, verbose):
+         ort_accuracy_control, ort_max_drop, ov_keep_float, ov_accuracy_control, ov_max_drop, ov_preset,
+         ov_activation_range, ov_fast_bias_correction, ov_int8_float, opset, trt_weak_typing, seed, quiet, verbose):
     """Export CHECKPOINT to a bundle of ONNX / OpenVINO / TensorRT variants, each gated on Recall@K."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -130,7 +135,8 @@ def main(checkpoint, out, backends, precisions, calib_data, parity_data, val_dat
             val_data=val_data, data_root=data_root, tolerance=tolerance, ks=ks, allow_drop=allow_drop,
             overwrite=overwrite,
             calib_size=calib_size, parity_limit=parity_limit, val_limit=val_limit, batch_size=batch_size,
-            ort_int8=OrtInt8Options(scheme=ort_scheme, calibrate_method=calib_method, keep_float=names(ort_keep_float)),
+            ort_int8=OrtInt8Options(scheme=ort_scheme, calibrate_method=calib_method, keep_float=names(ort_keep_float),
+                                    accuracy_control=ort_accuracy_control, max_drop=ort_max_drop),
             ov_int8=OvInt8Options(accuracy_control=ov_accuracy_control, max_drop=ov_max_drop, preset=ov_preset,
                                   keep_float=names(ov_keep_float), float_precision=ov_int8_float,
                                   activation_range=ov_activation_range,

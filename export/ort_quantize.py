@@ -49,6 +49,12 @@ class OrtInt8Options:
     percentile: float = 99.999  # for calibrate_method="percentile"
     quantize_bias: bool = True  # int32 biases; off for TensorRT, which keeps biases float and fuses them
     batch_size: int = 8
+    # accuracy control (export.ort_accuracy_control): keep the most sensitive nodes float until the
+    # validation Recall@1 drop is <= max_drop points; used by the exporter, not by quantize_int8 itself
+    accuracy_control: bool = True
+    max_drop: float = 0.3
+    max_iterations: int = 20  # re-quantize + validate steps
+    ranking_images: int = 32  # calibration images on which each node's sensitivity is measured
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -56,6 +62,9 @@ class OrtInt8Options:
         if self.calibrate_method not in CALIBRATION_METHODS:
             raise ExportError(f"unknown calibration method {self.calibrate_method!r}; "
                               f"choose from {CALIBRATION_METHODS}")
+        if self.max_drop < 0 or self.max_iterations < 1 or self.ranking_images < 1:
+            raise ExportError("ONNX Runtime accuracy control needs max_drop >= 0, max_iterations >= 1 and "
+                              "ranking_images >= 1")
         self.keep_float = tuple(self.keep_float)
 
     def to_dict(self) -> dict:
@@ -126,41 +135,92 @@ def pre_process(fp32_path: str, out_path: str) -> str:
     return out_path
 
 
+class OrtQuantizer:
+    """Static QDQ int8 quantization of one fp32 ONNX model, calibrated once and re-quantizable.
+
+    Why a class: accuracy control quantizes the same model many times with different nodes kept
+    float (or only one node quantized); pre-processing and calibration depend on neither, so they
+    run once: the tensor ranges go to an ORT calibration cache (``calibration_cache_path`` of
+    ``quantize_static``) that every later ``quantize`` call reads instead of re-running the images.
+    """
+
+    def __init__(self, fp32_path: str, calibration, options: OrtInt8Options | None = None,
+                 workdir: str | None = None, progress: bool = True):
+        self.fp32_path = fp32_path
+        self.calibration = calibration
+        self.options = options or OrtInt8Options()
+        self.workdir = workdir or os.path.dirname(os.path.abspath(fp32_path))
+        self.progress = progress
+        self.preprocessed = pre_process(fp32_path, os.path.join(self.workdir, "model.preprocessed.onnx"))
+        model = onnx.load(self.preprocessed)
+        self.node_names = [n.name for n in model.graph.node]
+        self.input_name = next(i.name for i in model.graph.input
+                               if i.name not in {t.name for t in model.graph.initializer})
+        self.base_exclude = resolve_nodes(model, self.options.keep_float)
+        self.cache_path = os.path.join(self.workdir, f"ort-calibration-{id(self):x}.json")
+
+    def quantize(self, out_path: str, keep_float=(), only=None) -> dict:
+        """Quantize into ``out_path`` keeping ``keep_float`` (node names) float on top of the options'
+        ``keep_float``, or, with ``only``, quantizing just those nodes; returns a summary."""
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        options = self.options
+        t0 = time.time()
+        exclude = self.base_exclude + [n for n in keep_float if n not in self.base_exclude]
+        act, weight, sym_act = SCHEMES[options.scheme]
+        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                  "percentile": CalibrationMethod.Percentile,
+                  "distribution": CalibrationMethod.Distribution}[options.calibrate_method]
+        extra = {"ActivationSymmetric": sym_act, "WeightSymmetric": True, "CalibStridedMinMax": 1,
+                 "CalibPercentile": options.percentile, "QuantizeBias": options.quantize_bias}
+        cached = os.path.isfile(self.cache_path)
+        reader = None if cached else ImageCalibrationReader(self.calibration, self.input_name, options.batch_size,
+                                                            self.progress)
+        try:
+            quantize_static(self.preprocessed, out_path, reader, quant_format=QuantFormat.QDQ,
+                            per_channel=options.per_channel, reduce_range=options.reduce_range,
+                            activation_type=getattr(QuantType, act), weight_type=getattr(QuantType, weight),
+                            nodes_to_quantize=list(only) if only else None, nodes_to_exclude=exclude or None,
+                            calibrate_method=method, extra_options=extra, calibration_cache_path=self.cache_path)
+        except ExportError:
+            raise
+        except Exception as e:  # noqa: BLE001 - name the model and setting rather than an ORT internals trace
+            raise ExportError(f"ONNX Runtime int8 quantization of {self.fp32_path} ({options.scheme}, "
+                              f"{options.calibrate_method}) failed: {type(e).__name__}: {e}") from e
+        finally:
+            if reader is not None:
+                reader.close()
+        q = onnx.load(out_path)
+        n_q = sum(1 for n in q.graph.node if n.op_type == "QuantizeLinear")
+        summary = {"options": options.to_dict(), "kept_float_nodes": exclude, "quantize_linear_nodes": n_q,
+                   "calibration_images": len(self.calibration), "seconds": round(time.time() - t0, 1)}
+        if only:
+            summary["only_nodes"] = list(only)
+        return summary
+
+
+# ops whose int8 form only moves or selects values: keeping one float gains nothing, so they are no candidates
+DATA_MOVEMENT_OPS = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Slice", "Split", "Gather",
+                               "GatherElements", "MaxPool", "Pad", "Where", "TopK"})
+
+
+def quantized_nodes(q_model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes of a QDQ model that compute in int8: an op ONNX Runtime quantizes (its QDQ / QOperator
+    registries, minus :data:`DATA_MOVEMENT_OPS`) reading at least one DequantizeLinear output."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    ops = (set(QDQRegistry) | set(QLinearOpsRegistry)) - DATA_MOVEMENT_OPS
+    dq_outputs = {o for n in q_model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [n.name for n in q_model.graph.node if n.op_type in ops and any(i in dq_outputs for i in n.input)]
+
+
 def quantize_int8(fp32_path: str, out_path: str, calibration, options: OrtInt8Options | None = None,
                   workdir: str | None = None, progress: bool = True) -> dict:
     """Static QDQ int8 quantization of ``fp32_path`` calibrated on ``calibration`` images; returns a summary."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    options = options or OrtInt8Options()
-    workdir = workdir or os.path.dirname(os.path.abspath(out_path))
-    t0 = time.time()
-    pre = pre_process(fp32_path, os.path.join(workdir, "model.preprocessed.onnx"))
-    model = onnx.load(pre)
-    input_name = next(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
-    exclude = resolve_nodes(model, options.keep_float)
-    act, weight, sym_act = SCHEMES[options.scheme]
-    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-              "percentile": CalibrationMethod.Percentile,
-              "distribution": CalibrationMethod.Distribution}[options.calibrate_method]
-    extra = {"ActivationSymmetric": sym_act, "WeightSymmetric": True, "CalibStridedMinMax": 1,
-             "CalibPercentile": options.percentile, "QuantizeBias": options.quantize_bias}
-    reader = ImageCalibrationReader(calibration, input_name, options.batch_size, progress)
-    try:
-        quantize_static(pre, out_path, reader, quant_format=QuantFormat.QDQ, per_channel=options.per_channel,
-                        reduce_range=options.reduce_range, activation_type=getattr(QuantType, act),
-                        weight_type=getattr(QuantType, weight), nodes_to_exclude=exclude or None,
-                        calibrate_method=method, extra_options=extra)
-    except ExportError:
-        raise
-    except Exception as e:  # noqa: BLE001 - name the model and setting rather than an ORT internals trace
-        raise ExportError(f"ONNX Runtime int8 quantization of {fp32_path} ({options.scheme}, "
-                          f"{options.calibrate_method}) failed: {type(e).__name__}: {e}") from e
-    finally:
-        reader.close()
-    q = onnx.load(out_path)
-    n_q = sum(1 for n in q.graph.node if n.op_type == "QuantizeLinear")
-    summary = {"options": options.to_dict(), "kept_float_nodes": exclude, "quantize_linear_nodes": n_q,
-               "calibration_images": len(calibration), "seconds": round(time.time() - t0, 1)}
-    log.info("onnxruntime int8 (%s, %s): %d QuantizeLinear nodes, %d nodes kept float, %.1fs", options.scheme,
-             options.calibrate_method, n_q, len(exclude), summary["seconds"])
+    quantizer = OrtQuantizer(fp32_path, calibration, options, workdir, progress)
+    summary = quantizer.quantize(out_path)
+    o = quantizer.options
+    log.info("onnxruntime int8 (%s, %s): %d QuantizeLinear nodes, %d nodes kept float, %.1fs", o.scheme,
+             o.calibrate_method, summary["quantize_linear_nodes"], len(summary["kept_float_nodes"]),
+             summary["seconds"])
     return summary

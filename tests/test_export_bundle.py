@@ -16,10 +16,12 @@ from export.api import export_bundle
 from export.cli import main
 from export.errors import ExportError, GateFailure
 from export.openvino_export import OvInt8Options
+from export.ort_quantize import OrtInt8Options
 from export_helpers import TEST_CLASSES, export_workspace, make_checkpoint, reference_embeddings, solid_images
 from sdk.bundle import load_manifest
 
 LENIENT = "int8=15,fp16=5,bf16=10,fp32=0.1"  # 48 parity images: one query is 2 points
+PLAIN_ORT = OrtInt8Options(accuracy_control=False)  # the gate on its own (accuracy control: test_ort_accuracy_control)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,8 @@ def bundle(ws):
         res = CliRunner().invoke(main, [
             str(ws["ckpt"]), "--out", str(out), "--backend", "onnx,openvino", "--precision", "fp32,fp16,int8",
             "--calib-data", str(ws["calib"]), "--parity-data", str(ws["parity"]), "--val-data", str(ws["val"]),
-            "--tolerance", LENIENT, "--ks", "1,2,4", "--ov-keep-float", "head", "--ov-max-drop", "30", "-q"])
+            "--tolerance", LENIENT, "--ks", "1,2,4", "--ov-keep-float", "head", "--ov-max-drop", "30",
+            "--ort-max-drop", "30", "-q"])
         assert res.exit_code == 0, res.output
         assert "onnxruntime-int8" in res.output and "openvino-int8" in res.output and "R@4" in res.output
     return out
@@ -110,7 +113,7 @@ def test_gate_rejects_broken_calibration_and_writes_nothing_failing(ws, tmp_path
     out = tmp_path / "b.ibc"
     with pytest.raises(GateFailure) as info:
         export_bundle(str(ws["ckpt"]), str(out), backends="onnx", precisions="fp32,int8", calib_data=str(flat),
-                      parity_data=str(ws["parity"]), tolerance=0.5, ks=(1, 2), progress=False)
+                      parity_data=str(ws["parity"]), tolerance=0.5, ks=(1, 2), progress=False, ort_int8=PLAIN_ORT)
     err = info.value
     assert [v.name for v in err.failed] == ["onnxruntime-int8"]
     assert "onnxruntime-int8" in str(err) and "drop" in str(err)
@@ -126,19 +129,20 @@ def test_gate_rejects_broken_calibration_and_writes_nothing_failing(ws, tmp_path
     out2 = tmp_path / "only-int8.ibc"
     with pytest.raises(GateFailure, match="nothing was written"):
         export_bundle(str(ws["ckpt"]), str(out2), backends="onnx", precisions="int8", calib_data=str(flat),
-                      parity_data=str(ws["parity"]), tolerance=0.5, progress=False)
+                      parity_data=str(ws["parity"]), tolerance=0.5, progress=False, ort_int8=PLAIN_ORT)
     assert not out2.exists()
     before = (out / "manifest.json").read_bytes()
     with pytest.raises(GateFailure):
         export_bundle(str(ws["ckpt"]), str(out), backends="onnx", precisions="int8", calib_data=str(flat),
-                      parity_data=str(ws["parity"]), tolerance=0.5, overwrite=True, progress=False)
+                      parity_data=str(ws["parity"]), tolerance=0.5, overwrite=True, progress=False, ort_int8=PLAIN_ORT)
     assert (out / "manifest.json").read_bytes() == before
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]
 
     # --allow-drop keeps it, marked as failed
     out3 = tmp_path / "allow.ibc"
     res = export_bundle(str(ws["ckpt"]), str(out3), backends="onnx", precisions="int8", calib_data=str(flat),
-                        parity_data=str(ws["parity"]), tolerance=0.5, allow_drop=True, progress=False)
+                        parity_data=str(ws["parity"]), tolerance=0.5, allow_drop=True, progress=False,
+                        ort_int8=PLAIN_ORT)
     (v,) = load_manifest(str(out3)).variants
     assert v.name == "onnxruntime-int8" and not v.passed and "FAILED the parity gate" in v.notes
     assert res.failed and res.written == ["onnxruntime-int8"]
@@ -148,7 +152,7 @@ def test_cli_gate_failure_exit_code_and_table(ws, tmp_path):
     flat = solid_images(tmp_path / "flat")
     res = CliRunner().invoke(main, [str(ws["ckpt"]), "--out", str(tmp_path / "b"), "--backend", "onnx",
                                     "--precision", "int8", "--calib-data", str(flat), "--parity-data",
-                                    str(ws["parity"]), "-q"])
+                                    str(ws["parity"]), "--no-ort-accuracy-control", "-q"])
     assert res.exit_code == 3
     assert "FAIL" in res.output and "parity gate failed for onnxruntime-int8" in res.output
     assert not (tmp_path / "b").exists()
