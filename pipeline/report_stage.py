@@ -144,8 +144,9 @@ def stage_times(out: str) -> list[dict]:
     for s in STAGES:
         d = read_done(out, s)
         if d is not None:
+            skipped = (d.get("summary") or {}).get("skipped")  # a stage's reason; export lists variants here
             rows.append({"stage": s, "seconds": d.get("seconds"), "finished_at": d.get("finished_at"),
-                         "status": (d.get("summary") or {}).get("skipped") and "skipped" or "done"})
+                         "status": "skipped" if isinstance(skipped, str) else "done"})
     return rows
 
 
