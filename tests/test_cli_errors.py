@@ -28,9 +28,11 @@ from sdk_helpers import make_bundle, write_images
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = ROOT / "tests" / "_trainer_helpers.py"
 ENTRY = {"ibc-retrieve": ["-m", "sdk.cli"], "ibc-export": ["-m", "export.cli"], "ibc-train": ["-m", "trainer.cli"],
+         "ibc-run": ["-m", "pipeline.cli"],
          "ibc-train (tiny backbones)": [str(HELPER), "record"]}
-EXIT = {"ibc-retrieve": 1, "ibc-export": 1, "ibc-train": 2, "ibc-train (tiny backbones)": 2}
+EXIT = {"ibc-retrieve": 1, "ibc-export": 1, "ibc-train": 2, "ibc-train (tiny backbones)": 2, "ibc-run": 1}
 PREFIX = {"ibc-retrieve": r"^Error: ", "ibc-export": r"^ibc-export: ", "ibc-train": r"^\d\d:\d\d:\d\d ERROR ",
+          "ibc-run": r"^ibc-run: ",
           "ibc-train (tiny backbones)": r"^\d\d:\d\d:\d\d ERROR "}
 PROGRESS = re.compile(r"^(model: |skipped |\d\d:\d\d:\d\d (INFO|WARNING) |(INFO|WARNING) [\w.]+: )")
 
@@ -138,6 +140,10 @@ CASES = [
     ("pretrained weights absent", "ibc-train",
      "--out {base}/t5 " + " ".join(f"--set {o}" for o in tiny_overrides(Path("{data}"), **{
          "model.backbone": "resnet18", "model.pretrained": "{base}/no-weights.pth"})), ["no-weights.pth"]),
+
+    ("missing data folder", "ibc-run", "--out {base}/r1 --data-root {base}/no-flowers", ["no-flowers"]),
+    ("unknown preset", "ibc-run", "--out {base}/r2 --config no-such-preset", ["no-such-preset"]),
+    ("unknown config key", "ibc-run", "--out {base}/r3 --folder {data} --set optim.lrr=1", ["optim.lrr"]),
 
     # usage errors: click's exit code 2, but one line too
     ("no such bundle folder", "ibc-retrieve", "index {base}/gone.ibc {photos} --out {base}/o6",
