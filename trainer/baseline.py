@@ -19,7 +19,9 @@ import torch
 
 from trainer.config import Config
 from trainer.evaluate import default_ks, evaluate_items
-from trainer.loop import TrainingError, _fmt_table, _split_items, resolve_device
+from trainer.engine import TrainingError, resolve_device, use_channels_last
+from trainer.loop import _split_items
+from trainer.report import fmt_table
 
 log = logging.getLogger("trainer")
 KMEANS_SEED = 0  # NMI's k-means seed: fixed, so the starting point is one number whatever the run's seed
@@ -96,14 +98,14 @@ def evaluate_baseline(cfg: Config, *, out_dir: str | None = None, split: str = "
     if cfg.data.root:
         cfg.data.root = os.path.abspath(os.path.expanduser(cfg.data.root))
     dev = resolve_device(device)
-    channels_last = cfg.runtime.channels_last is True or (cfg.runtime.channels_last == "auto" and dev.type == "cuda")
-    m = pretrained_baseline(cfg, split=split, device=dev, channels_last=channels_last, use_cache=use_cache)
+    m = pretrained_baseline(cfg, split=split, device=dev, channels_last=use_channels_last(cfg.runtime.channels_last, dev),
+                            use_cache=use_cache)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "baseline_metrics.json"), "w") as f:
             json.dump({"baseline": {split: m, "backbone": cfg.model.backbone, "pooling": cfg.model.pooling,
                                     "preprocess": cfg.preprocess.to_dict()}}, f, indent=2)
-    log.info("\n%s", _fmt_table([("starting point (pretrained, untrained)", m)],
+    log.info("\n%s", fmt_table([("starting point (pretrained, untrained)", m)],
                                 f"{split} classes ({cfg.data.dataset}), {cfg.model.backbone} ImageNet weights"))
     return m
 

@@ -61,6 +61,11 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def use_channels_last(setting: bool | str, device: torch.device) -> bool:
+    """``runtime.channels_last``: true / false, or "auto" (on CUDA only)."""
+    return setting is True or (setting == "auto" and device.type == "cuda")
+
+
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     if mode == "off":
         return None

@@ -30,7 +30,8 @@ from trainer import distributed as D
 from trainer.config import Config, dump_yaml
 from trainer.data import dataset_items, describe, items_of, training_classes
 from trainer.engine import (StepEngine, TrainingError, TrainStep, amp_dtype, backbone_frozen_at, init_head,
-                            lr_factor, method_parameter_group, parameter_groups, resolve_device, set_backbone_mode)
+                            lr_factor, method_parameter_group, parameter_groups, resolve_device, set_backbone_mode,
+                            use_channels_last)
 from trainer.evaluate import default_ks, evaluate_items
 from trainer.methods import MethodContext, get_method
 from trainer.report import (draw_plots, epoch_line, epoch_record, final_report, fmt_table, protocol_of,
@@ -40,7 +41,6 @@ from trainer.run_state import (RunState, checkpoint_payload, environment, restor
 from trainer.transforms import BadImageError, TrainDataset, collate, train_transform
 
 log = logging.getLogger("trainer")
-_fmt_table = fmt_table  # older name (trainer.baseline, other callers)
 _save = save
 
 
@@ -131,7 +131,7 @@ class _Run:
                                     dc.on_bad_image)
 
         self.model = model = IBCModel(cfg.model).to(device)
-        self.channels_last = rt.channels_last is True or (rt.channels_last == "auto" and device.type == "cuda")
+        self.channels_last = use_channels_last(rt.channels_last, device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         init_head(model, ft.head_init)
@@ -228,7 +228,7 @@ class _Run:
         return ""
 
     def _epoch_batches(self, loader, n_batches: int) -> None:
-        cfg, rt, oc, ft = self.cfg, self.cfg.runtime, self.cfg.optim, self.cfg.finetune
+        rt, oc, ft = self.cfg.runtime, self.cfg.optim, self.cfg.finetune
         st, sampler, engine, main = self.state, self.sampler, self.engine, self.main
         bar = None
         if rt.progress and main and sys.stderr.isatty():  # a bar in a log file is megabytes of frames
@@ -403,9 +403,7 @@ def evaluate_checkpoint(path: str, *, data_root: str | None = None, overrides: d
     dev = resolve_device(device)
     model.to(dev).eval()
     dc = cfg.data
-    items, gallery = dataset_items(dc, split), None
-    if dc.dataset == "inshop" and split == "test":
-        items, gallery = dataset_items(dc, "query"), dataset_items(dc, "gallery")
+    items, gallery = _split_items(dc, split)
     m = evaluate_items(model, items, cfg.preprocess, gallery=gallery, ks=default_ks(dc.dataset), nmi=nmi,
                        seed=cfg.runtime.seed, batch_size=batch_size,
                        num_workers=dc.num_workers if num_workers is None else num_workers,
@@ -414,7 +412,7 @@ def evaluate_checkpoint(path: str, *, data_root: str | None = None, overrides: d
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "final_metrics.json"), "w") as f:
             json.dump({split: m, "checkpoint": os.path.abspath(path), "epoch": ckpt.get("epoch")}, f, indent=2)
-    log.info("\n%s", _fmt_table(m, f"{split} classes ({dc.dataset}), checkpoint {path} (epoch {ckpt.get('epoch')})"))
+    log.info("\n%s", fmt_table(m, f"{split} classes ({dc.dataset}), checkpoint {path} (epoch {ckpt.get('epoch')})"))
     return m
 
 
