@@ -195,6 +195,26 @@ def test_pml_losses_equal_calling_pml_directly(loss):
     assert float(got.detach()) > 0
 
 
+def test_cosine_classifier_loss_equals_pml_normalized_softmax():
+    """``loss.classifier=cosine`` + CE at temperature T is PML's NormalizedSoftmaxLoss with the same weights."""
+    from pytorch_metric_learning.losses import NormalizedSoftmaxLoss
+
+    from trainer.losses import classifier_logits, smoothed_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(24, 16, generator=g) * 3
+    labels = torch.randint(0, 7, (24,), generator=g)
+    head = torch.nn.Linear(16, 7)
+    ours = smoothed_cross_entropy(classifier_logits(head, f, "cosine"), labels, 0.0, 0.05)
+    pml = NormalizedSoftmaxLoss(num_classes=7, embedding_size=16, temperature=0.05)
+    with torch.no_grad():
+        pml.W.copy_(head.weight.t())
+    assert torch.allclose(ours, pml(f, labels), rtol=1e-5, atol=1e-6)
+    # the feature norm and the bias do not move a cosine logit; they do move a linear one
+    assert torch.allclose(classifier_logits(head, 5 * f, "cosine"), classifier_logits(head, f, "cosine"), atol=1e-6)
+    assert not torch.allclose(classifier_logits(head, 5 * f, "linear"), classifier_logits(head, f, "linear"))
+
+
 # --------------------------------------------------------------------------- bad input at config load
 
 
@@ -209,6 +229,7 @@ def test_pml_losses_equal_calling_pml_directly(loss):
     ({"method.name": "pml", "method.loss": "arcface", "method.miner": "batch_hard"}, "method.miner"),
     ({"method.name": "pml", "method.foo": 1}, "method.foo"),
     ({"method.name": "ibc", "model.use_mpn": "false"}, "model.use_mpn"),
+    ({"loss.classifier": "arc"}, "loss.classifier"),
 ])
 def test_bad_combinations_are_refused_at_load_naming_the_key(sets, key):
     with pytest.raises(ConfigError) as e:

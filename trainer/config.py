@@ -77,6 +77,9 @@ class LossConfig:
     label_smoothing: float = 0.1
     backbone_weight: float = 1.0
     mpn_weight: float = 1.0
+    # backbone classifier (ibc, ce): "linear" (the paper's nn.Linear on f) | "cosine" (normalised softmax:
+    # cos(f, w_c) / temperature, bias unused; same parameters, so checkpoints of either kind load)
+    classifier: str = "linear"
 
 
 @dataclass
@@ -409,6 +412,8 @@ def validate(cfg: Config) -> None:
                           f"got {cfg.augment.interpolation!r}")
     if cfg.loss.temperature <= 0:
         raise ConfigError("loss.temperature must be > 0")
+    if cfg.loss.classifier not in ("linear", "cosine"):
+        raise ConfigError(f"loss.classifier must be 'linear' or 'cosine', got {cfg.loss.classifier!r}")
     if not 0 <= cfg.loss.label_smoothing < 1:
         raise ConfigError("loss.label_smoothing must be in [0, 1)")
     ft = cfg.finetune

@@ -21,6 +21,22 @@ def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothin
     return ((1.0 - smoothing) * nll + smoothing * uniform).mean()
 
 
+def cosine_logits(f: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``cos(f_i, w_c)``: the normalised-softmax classifier (Zhai & Wu, 2019) that the temperature then sharpens.
+
+    Why: the exported embedding is compared by cosine; a plain Linear classifier also rewards feature
+    norm and bias, a cosine one trains exactly the geometry that retrieval reads.
+    """
+    return F.normalize(f.float(), dim=1) @ F.normalize(weight.float(), dim=1).t()
+
+
+def classifier_logits(classifier: torch.nn.Linear, f: torch.Tensor, kind: str) -> torch.Tensor:
+    """Logits of the backbone classifier: ``"linear"`` (the paper's) or ``"cosine"`` (bias unused)."""
+    if kind == "cosine":
+        return cosine_logits(f, classifier.weight)
+    return classifier(f)
+
+
 def ibc_loss(logits: torch.Tensor, targets: torch.Tensor, mpn_logits: torch.Tensor | None, *,
              temperature: float, smoothing: float, backbone_weight: float = 1.0,
              mpn_weight: float = 1.0) -> dict[str, torch.Tensor]:
@@ -34,4 +50,4 @@ def ibc_loss(logits: torch.Tensor, targets: torch.Tensor, mpn_logits: torch.Tens
     return out
 
 
-__all__ = ["smoothed_cross_entropy", "ibc_loss"]
+__all__ = ["smoothed_cross_entropy", "cosine_logits", "classifier_logits", "ibc_loss"]

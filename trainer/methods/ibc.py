@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer import distributed as D
-from trainer.losses import ibc_loss
+from trainer.losses import classifier_logits, ibc_loss
 from trainer.methods import register_method
 from trainer.methods.base import Method, MethodConfig
 
@@ -36,7 +36,7 @@ class IBC(Method):
 
     def loss(self, f: torch.Tensor, labels: torch.Tensor):
         model = self.model
-        logits = model.classifier(f)
+        logits = classifier_logits(model.classifier, f, self.loss_cfg.classifier)
         mpn_logits = None
         if model.mpn is not None:
             if self.global_mpn:
