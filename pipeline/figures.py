@@ -26,22 +26,25 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def loss_curve(history: list[dict], path: str) -> dict:
-    """Training loss per epoch (total, backbone CE, MPN CE)."""
+def loss_curve(history: list[dict], path: str, parts: dict[str, str] | None = None) -> dict:
+    """Training loss per epoch: the total and each part the training method reports.
+
+    ``parts`` is the method's ``record key -> label`` (``trainer.methods.get_method(name).parts``);
+    None means IBC's two cross-entropies, the parts of runs logged before methods named their own.
+    """
+    from trainer.plots import DEFAULT_PARTS
+
     fig, ax = _figure()
     series = {}
-    for key, label in (("loss", "total"), ("loss_backbone", "backbone CE"), ("loss_mpn", "MPN CE")):
+    total = None
+    for key, label in (("loss", "total"), *(DEFAULT_PARTS if parts is None else parts).items()):
         pts = [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
-        if pts:
+        if key == "loss":
+            total = pts
+        if pts and (key == "loss" or pts != total):  # a part equal to the total is drawn once
             series[key] = pts
             ax.plot(*zip(*pts), marker="o", label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("training loss")
-    ax.grid(alpha=0.3)
-    if series:
-        ax.legend()
-    else:
-        ax.text(0.5, 0.5, "no finished epoch", ha="center", va="center", transform=ax.transAxes)
+    _finish_axes(ax, series, "training loss", "no finished epoch")
     _save(fig, path)
     return series
 
@@ -56,18 +59,23 @@ def recall_curve(history: list[dict], path: str) -> dict:
             series[f"{split}/recall@1"] = pts
             ax.plot(*zip(*pts), marker="o", label=f"{split} R@1" + (" (test classes: paper protocol)"
                                                                     if split == "test" else ""))
+    _finish_axes(ax, series, "Recall@1 (%)", "no validation split in this config\n(data.val_fraction = 0): "
+                 "the final epoch is reported")
+    _save(fig, path)
+    return series
+
+
+def _finish_axes(ax, series: dict, ylabel: str, empty_note: str) -> None:
+    """The epoch axis, a grid and a legend; a centred note instead when there was nothing to draw."""
     ax.set_xlabel("epoch")
-    ax.set_ylabel("Recall@1 (%)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if series:
         ax.legend()
     else:
-        ax.text(0.5, 0.5, "no validation split in this config\n(data.val_fraction = 0): the final epoch is reported",
-                ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, empty_note, ha="center", va="center", transform=ax.transAxes)
         ax.set_xticks([])
         ax.set_yticks([])
-    _save(fig, path)
-    return series
 
 
 def tsne_map(embeddings: np.ndarray, labels: np.ndarray, path: str, *, max_points: int = 1500,

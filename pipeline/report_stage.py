@@ -169,7 +169,10 @@ def run(ctx: Context) -> dict:
     query = ctx.summary("query") or {}
 
     table = metrics_table(ctx, export, final)
-    curves = {"loss": figures.loss_curve(history, os.path.join(assets, "loss.png")),
+    from trainer.methods import get_method
+
+    parts = get_method(ctx.config.method.name).loss_parts(ctx.config.method)
+    curves = {"loss": figures.loss_curve(history, os.path.join(assets, "loss.png"), parts),
               "recall": figures.recall_curve(history, os.path.join(assets, "recall.png"))}
     tsne = None
     emb_dir = export.get("embeddings_dir", "")

@@ -174,6 +174,24 @@ def test_pipeline_end_to_end_on_real_images_with_a_failing_variant(shared_data, 
     assert run_pipeline(opts).ran == ["report"]
 
 
+@pytest.mark.parametrize("method,sets", [("ibc", {}), ("group_loss", {}), ("pml", {"loss": "proxy_anchor"})])
+def test_report_loss_curve_draws_the_parts_the_method_reports(tmp_path, method, sets):
+    """The report's loss plot follows the method's own loss parts, not IBC's two cross-entropies."""
+    from pipeline.figures import loss_curve
+    from trainer.methods import get_method
+
+    cls = get_method(method)
+    parts = cls.loss_parts(cls.config_class(name=method, **sets))
+    history = [{"epoch": e, "loss": 3.0 - e, **{k: (1.0 + i) / (e + 1) for i, k in enumerate(parts)}}
+               for e in range(3)]
+    series = loss_curve(history, str(tmp_path / "loss.png"), parts)
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert set(series) == {"loss", *parts} and parts
+    if method == "pml":
+        assert set(parts) == {"loss_proxy_anchor"}
+    assert [v for _, v in series["loss"]] == [3.0, 2.0, 1.0]
+
+
 def test_cli_missing_data_is_one_line_and_exit_1(tmp_path):
     from click.testing import CliRunner
 

@@ -65,6 +65,11 @@ class Method(nn.Module):
     def check_config(cls, mcfg: MethodConfig, cfg: Any) -> None:
         """Refuse combinations that cannot work; raise ``trainer.config.ConfigError`` naming the key."""
 
+    @classmethod
+    def loss_parts(cls, mcfg: MethodConfig) -> dict[str, str]:
+        """The loss parts a run with this method section reports (logs, plots, the ibc-run report)."""
+        return dict(cls.parts)
+
     # ---- training
     def loss(self, f: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(total loss, parts) for this rank's batch of unnormalised embeddings ``f`` (B, dim)."""

@@ -115,9 +115,13 @@ class PML(Method):
         except (TypeError, ValueError, AssertionError) as e:
             raise _bad_argument("method.miner_args", MINERS[miner_name(mcfg)][0], e) from None
 
+    @classmethod
+    def loss_parts(cls, mcfg: PMLConfig) -> dict[str, str]:
+        return {f"loss_{mcfg.loss}": mcfg.loss.replace("_", " ")}
+
     def __init__(self, config: PMLConfig, model, ctx):
         super().__init__(config, model, ctx)
-        self.parts = {f"loss_{config.loss}": config.loss.replace("_", " ")}
+        self.parts = self.loss_parts(config)
         loss = build_loss(config, ctx.config.model.num_classes, ctx.config.model.embed_dim)
         miner = build_miner(config)
         if ctx.dist.enabled and LOSSES[config.loss][3]:  # tuple losses: pairs across the global batch
