@@ -3,15 +3,16 @@
     python bench/compare_methods.py --dataset flowers --dataset omniglot          # runs, then the table
     python bench/compare_methods.py --dataset flowers --table-only                # table from finished runs
     python bench/compare_methods.py --dataset omniglot --max-steps 3 --seeds 1 \\
-        --runs-dir /tmp/cmp --results-md /tmp/cmp/RESULTS.md --chart /tmp/cmp/chart.png   # smoke test
+        --runs-dir /tmp/cmp --summaries-dir /tmp/cmp/sum --results-md /tmp/cmp/RESULTS.md --chart /tmp/cmp/chart.png   # smoke test
 
 Methods: ``ibc``, ``ce``, ``group_loss``, ``divide_conquer`` with every seed; the classic losses
 (``pml-<loss>``, pytorch-metric-learning) get a 1-seed screen (seed 0) and the best of them on
 R@1 runs the remaining seeds too; the screen stays in the table. Each run is ``ibc-train --config
-<preset> --set method.name=...`` in ``RUNS/<dataset>/<entry>-s<seed>``; its summary is one JSON file
-``RUNS/<dataset>/<entry>-s<seed>.json``. A run with a summary is never repeated; one that was
-stopped (``last.pt``, no summary) continues with ``--resume``; so the comparison can be spread over
-several sittings. The table (mean ± std of R@1/2/4/8, MAP@R, NMI and training minutes; the zero-shot
+<preset> --set method.name=...`` in ``RUNS/<dataset>/<entry>-s<seed>``; its summary is one small JSON
+file ``SUMMARIES/<dataset>/<entry>-s<seed>.json`` (``--summaries-dir``, by default ``bench/compare_runs/``,
+which is committed: the run folders with their checkpoints are not). A run with a summary is never
+repeated; one that was stopped (``last.pt``, no summary) continues with ``--resume``; so the
+comparison can be spread over several sittings, and over sessions on fresh clones. The table (mean ± std of R@1/2/4/8, MAP@R, NMI and training minutes; the zero-shot
 row when the backbone is pretrained) replaces this dataset's section of ``--results-md`` and a bar
 chart of R@1 goes to ``--chart``.
 """
@@ -19,6 +20,7 @@ chart of R@1 goes to ``--chart``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -45,16 +47,38 @@ def entry_sets(entry: str) -> list[str]:
     return [f"method.name={entry}"]
 
 
-def summary_path(runs: Path, dataset: str, entry: str, seed: int) -> Path:
-    return runs / dataset / f"{entry}-s{seed}.json"
+def summary_path(summaries: Path, dataset: str, entry: str, seed: int) -> Path:
+    return summaries / dataset / f"{entry}-s{seed}.json"
 
 
-def run_one(runs: Path, dataset: str, entry: str, seed: int, extra: list[str]) -> dict | None:
+def preset_digest(dataset: str, extra: list[str]) -> str:
+    """What a summary was trained with: the preset file's bytes and the extra overrides."""
+    h = hashlib.sha256((ROOT / PRESETS[dataset]).read_bytes())
+    h.update(json.dumps(sorted(extra)).encode())
+    return h.hexdigest()[:16]
+
+
+def read_summary(path: Path, digest: str) -> dict | None:
+    """A finished run's summary; None if absent or trained with another preset or other overrides."""
+    if not path.is_file():
+        return None
+    r = json.loads(path.read_text())
+    if r.get("preset_digest") != digest:
+        print(f"  {path}: trained with another version of the preset or other overrides: left out", flush=True)
+        return None
+    return r
+
+
+def run_one(runs: Path, summaries: Path, dataset: str, entry: str, seed: int, extra: list[str]) -> dict | None:
     """Train (or resume, or skip) one run; returns its summary, None if it failed."""
-    summary = summary_path(runs, dataset, entry, seed)
-    if summary.is_file():
-        return json.loads(summary.read_text())
+    summary = summary_path(summaries, dataset, entry, seed)
+    digest = preset_digest(dataset, extra)
+    done = read_summary(summary, digest)
+    if done is not None:
+        return done
     out = runs / dataset / f"{entry}-s{seed}"
+    if summary.is_file() and out.is_dir():  # a stale run: keep it aside, never resume it under the new preset
+        out.rename(out.with_name(f"{out.name}.stale-{int(time.time())}"))
     cmd = [sys.executable, "-m", "trainer.cli", "--config", PRESETS[dataset], "--out", str(out), "--seed", str(seed),
            "--set", "runtime.progress=false"]
     for s in entry_sets(entry) + extra:
@@ -74,7 +98,8 @@ def run_one(runs: Path, dataset: str, entry: str, seed: int, extra: list[str]) -
     result = {"dataset": dataset, "entry": entry, "seed": seed, "test": d["test"], "baseline": d.get("baseline"),
               "epochs": d["epochs"], "steps": d["steps"], "train_time_s": d["train_time_s"],
               "stopped": d.get("stopped"), "load_avg_end": d.get("load_avg_end"), "config": PRESETS[dataset],
-              "overrides": entry_sets(entry) + extra, "run": str(out)}
+              "overrides": entry_sets(entry) + extra, "preset_digest": digest, "run": os.path.relpath(out, ROOT)}
+    summary.parent.mkdir(parents=True, exist_ok=True)
     summary.write_text(json.dumps(result, indent=2))
     return result
 
@@ -174,7 +199,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="override the preset's optim.epochs (the budget)")
     p.add_argument("--max-steps", type=int, default=None, help="stop every run after N steps (smoke tests)")
     p.add_argument("--set", dest="extra", action="append", default=[], help="extra --set for every run")
-    p.add_argument("--runs-dir", default=str(ROOT / "runs" / "methods"))
+    p.add_argument("--runs-dir", default=str(ROOT / "runs" / "methods"), help="run folders (checkpoints, logs)")
+    p.add_argument("--summaries-dir", default=str(ROOT / "bench" / "compare_runs"),
+                   help="one JSON summary per finished run (committed, so later sittings resume)")
     p.add_argument("--results-md", default=str(ROOT / "bench" / "RESULTS.md"))
     p.add_argument("--chart", default=str(ROOT / "bench" / "compare_methods.png"))
     p.add_argument("--table-only", action="store_true", help="no training: the table from finished runs")
@@ -184,7 +211,7 @@ def main() -> None:
         extra.append(f"optim.epochs={args.epochs}")
     if args.max_steps is not None:
         extra.append(f"runtime.max_steps={args.max_steps}")
-    runs = Path(args.runs_dir)
+    runs, summaries = Path(args.runs_dir), Path(args.summaries_dir)
     core = [m for m in args.methods.split(",") if m]
     pml = [f"pml-{loss}" for loss in args.pml.split(",") if loss]
     seeds = list(range(args.seeds))
@@ -193,10 +220,9 @@ def main() -> None:
 
     def one(dataset: str, entry: str, seed: int) -> None:
         if args.table_only:
-            path = summary_path(runs, dataset, entry, seed)
-            r = json.loads(path.read_text()) if path.is_file() else None
+            r = read_summary(summary_path(summaries, dataset, entry, seed), preset_digest(dataset, extra))
         else:
-            r = run_one(runs, dataset, entry, seed, extra)
+            r = run_one(runs, summaries, dataset, entry, seed, extra)
             if r is None:
                 failed.append(f"{dataset}/{entry}-s{seed}")
         if r is not None:

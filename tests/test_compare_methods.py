@@ -33,3 +33,18 @@ def test_screen_pick_table_and_section(tmp_path):
     text = md.read_text()
     assert text.count("<!-- compare_methods:flowers -->") == 1 and "second" in text and "first" not in text
     assert text.startswith("# Results\n\nkept")
+
+
+def test_summaries_from_another_preset_are_left_out(tmp_path, monkeypatch):
+    """A summary trained with another preset version or other overrides is neither tabled nor resumed."""
+    monkeypatch.setattr(cm, "ROOT", tmp_path)
+    monkeypatch.setitem(cm.PRESETS, "flowers", "preset.yaml")
+    (tmp_path / "preset.yaml").write_text("optim: {epochs: 4}\n")
+    digest = cm.preset_digest("flowers", [])
+    path = cm.summary_path(tmp_path / "sum", "flowers", "ibc", 0)
+    path.parent.mkdir(parents=True)
+    path.write_text(__import__("json").dumps({**_r("ibc", 0, 0.6), "preset_digest": digest}))
+    assert cm.read_summary(path, digest)["seed"] == 0
+    assert cm.preset_digest("flowers", ["optim.epochs=2"]) != digest
+    (tmp_path / "preset.yaml").write_text("optim: {epochs: 5}\n")
+    assert cm.read_summary(path, cm.preset_digest("flowers", [])) is None
