@@ -373,7 +373,8 @@ def test_int8_scan_is_exact_on_clustered_uniform_and_spiky_vectors(small_scan, m
     np.testing.assert_allclose(scores, true_s, atol=1e-5)
     stats = cat.info()["exact_scan"]
     assert stats["queries"] == len(q) + 1 and stats["outliers"] >= 2
-    assert cat.index._scan.code_max == (63 if seven_bit else 127)
+    # 7-bit codes when forced, and also on the natural path of a CPU without VNNI (AVX2 only)
+    assert cat.index._scan.code_max == (63 if seven_bit or not small_scan._int8_dot_cannot_saturate() else 127)
     cat.remove([0, 1, 2, 3000])  # tombstones: masked in the scan, which is kept (not rebuilt)
     assert cat.info()["exact_scan"]["queries"] == len(q) + 1
     keep = np.setdiff1d(np.arange(len(x)), [0, 1, 2, 3000])
