@@ -108,11 +108,7 @@ def test_sdk_embeddings_match_pytorch(bundle, ws):
 
 
 def test_gate_rejects_broken_calibration_and_writes_nothing_failing(ws, tmp_path):
-    """int8 calibrated on flat single-colour images saturates on real ones: the gate must catch it.
-
-    The tiny model's R@1 is near chance, so the broken variant's R@1 may fall or, by chance, rise
-    (it rose 6 points on an AVX2-only EPYC): the cosine floor catches it either way.
-    """
+    """int8 calibrated on flat single-colour images saturates on real ones: the gate must catch it."""
     flat = solid_images(tmp_path / "flat")
     out = tmp_path / "b.ibc"
     with pytest.raises(GateFailure) as info:
@@ -120,15 +116,14 @@ def test_gate_rejects_broken_calibration_and_writes_nothing_failing(ws, tmp_path
                       parity_data=str(ws["parity"]), tolerance=0.5, ks=(1, 2), progress=False, ort_int8=PLAIN_ORT)
     err = info.value
     assert [v.name for v in err.failed] == ["onnxruntime-int8"]
-    assert "onnxruntime-int8" in str(err) and ("exceeds the tolerance" in str(err) or "cosine p1" in str(err))
+    assert "onnxruntime-int8" in str(err) and "drop" in str(err)
     result = err.result
     assert result.written == ["onnxruntime-fp32"] and result.rejected == ["onnxruntime-int8"]
     m = load_manifest(str(out))
     assert [v.name for v in m.variants] == ["onnxruntime-fp32"]
     assert not (out / "onnx" / "model.int8.onnx").exists()
     assert [r["name"] for r in m.parity["rejected"]] == ["onnxruntime-int8"]
-    rejected = m.parity["rejected"][0]
-    assert rejected["recall1_drop"] > 0.5 or rejected["cosine_p1"] < 0.9
+    assert m.parity["rejected"][0]["recall1_drop"] > 0.5
 
     # only failing variants requested: nothing at all is written, an existing bundle stays as it was
     out2 = tmp_path / "only-int8.ibc"
@@ -207,23 +202,3 @@ def test_checkpoint_dataset_splits_are_used(ws, tmp_path):
     assert "test split" in m.parity["dataset"]["origin"] and m.parity["dataset"]["classes"] == 4
     assert "val split" in m.parity["validation_set"]["origin"]
     assert "train split" in m.provenance["calibration"]["origin"]
-
-
-def test_gate_floor_on_cosine_catches_a_variant_whose_recall_rose_by_chance():
-    """The gate's two rules on synthetic embeddings: R@1 drop past the tolerance, or cosine p1 < the floor."""
-    from export.parity import MIN_COSINE_P1, compare, retrieval_metrics
-
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(6), 5)
-    centres = rng.normal(size=(6, 16))
-    ref = centres[labels] + 0.3 * rng.normal(size=(30, 16))
-    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
-    ref_m = retrieval_metrics(ref, labels, (1,))
-    close = ref + 0.01 * rng.normal(size=ref.shape)
-    close /= np.linalg.norm(close, axis=1, keepdims=True)
-    ok = compare("v-int8", "int8", close, ref, labels, ref_m, (1,), 0.5)
-    assert ok.passed and ok.cosine_p1 > 0.99
-    rotated = ref @ np.linalg.qr(rng.normal(size=(16, 16)))[0]  # same ranking, other vectors
-    moved = compare("v-int8", "int8", rotated, ref, labels, ref_m, (1,), 0.5)
-    assert moved.recall1_drop == 0 and moved.cosine_p1 < MIN_COSINE_P1
-    assert not moved.passed and "cosine p1" in moved.reason
