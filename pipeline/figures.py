@@ -29,7 +29,7 @@ def _save(fig, path: str) -> str:
 def loss_curve(history: list[dict], path: str, parts: dict[str, str] | None = None) -> dict:
     """Training loss per epoch: the total and each part the training method reports.
 
-    ``parts`` is the method's ``record key -> label`` (``trainer.methods.get_method(name).parts``);
+    ``parts`` is the method's ``record key -> label`` (``get_method(name).loss_parts(method_config)``);
     None means IBC's two cross-entropies, the parts of runs logged before methods named their own.
     """
     from trainer.plots import DEFAULT_PARTS
