@@ -248,7 +248,9 @@ class _Builder:
         else:
             summary = quantize_int8(self.fp32_onnx, self._path(rel), self.calib, o, workdir=self.work,
                                     progress=self.progress)
-        notes = (f"static QDQ int8, {o.scheme.upper()} ({'per-channel' if o.per_channel else 'per-tensor'} weights), "
+        chosen = f" (auto: {o.scheme_chosen_for})" if o.scheme_chosen_for else ""
+        notes = (f"static QDQ int8, {o.scheme.upper()}{chosen} "
+                 f"({'per-channel' if o.per_channel else 'per-tensor'} weights), "
                  f"{o.calibrate_method} calibration on {len(self.calib)} training images"
                  + (f"; kept float: {', '.join(o.keep_float)}" if o.keep_float else "")
                  + (f"; {describe(summary['accuracy_control'])}" if "accuracy_control" in summary else ""))

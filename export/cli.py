@@ -85,8 +85,9 @@ def _ints(ctx, param, value):
 @click.option("--calib-method", default="minmax",
               type=click.Choice(["minmax", "entropy", "percentile", "distribution"]),
               help="ONNX Runtime int8 calibration method")
-@click.option("--ort-scheme", default="u8s8", type=click.Choice(["u8s8", "s8s8", "s8s8-symmetric"]),
-              help="ONNX Runtime int8 activation/weight types")
+@click.option("--ort-scheme", default="auto", type=click.Choice(["auto", "u8s8", "s8s8", "s8s8-symmetric"]),
+              help="ONNX Runtime int8 activation/weight types; auto: u8s8 (fastest) where this CPU has exact int8 "
+                   "dot products (VNNI, AMX, ARM), s8s8 where u8s8 would saturate (x86 without VNNI)")
 @click.option("--ort-keep-float", default="head",
               help="ONNX Runtime int8: comma list of ONNX node names/globs left in float ('head' = embedding head; "
                    "'' = none)")

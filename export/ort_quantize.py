@@ -1,8 +1,11 @@
 """ONNX Runtime static int8 quantization (QDQ format) of the fp32 ONNX embedder.
 
-Why these defaults: per-channel int8 weights keep ResNet accuracy; unsigned activations with
-signed weights (U8S8) ran about 3x faster than S8S8 on the x86 CPUs measured here (VNNI, so no
-saturation issue and no ``reduce_range``); ``quant_pre_process`` runs with symbolic shape
+Why these defaults: per-channel int8 weights keep ResNet accuracy; the scheme is ``auto``:
+unsigned activations with signed weights (U8S8) where this CPU's int8 dot products are exact
+(VNNI / AMX / ARM: there U8S8 ran about 3x faster than S8S8), signed activations (S8S8) where
+they are not, because U8S8 saturates in int16 there (a fine-tuned EfficientNet-Lite0 lost 3.3
+Recall@1 as U8S8 and nothing as S8S8 on an AVX2-only EPYC, see bench/RESULTS.md);
+``quant_pre_process`` runs with symbolic shape
 inference skipped, because it fails on graphs from torch's dynamo exporter. Calibration reads
 one batch at a time (``CalibStridedMinMax``), so memory stays bounded even for histogram
 methods on ResNet-50. The symmetric S8S8 scheme is the one TensorRT's explicit quantization
@@ -23,6 +26,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from tqdm.auto import tqdm
 
 from export.errors import ExportError
+from sdk.cpu import int8_dot_exact, int8_dot_note
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +43,8 @@ HEAD_OP_TYPES = ("Gemm", "MatMul")  # the only dense layers of an embedder: the 
 class OrtInt8Options:
     """Settings of :func:`quantize_int8` (recorded in the manifest)."""
 
-    scheme: str = "u8s8"
+    scheme: str = "auto"  # "auto": u8s8 where int8 dot products are exact here (sdk.cpu), else s8s8
+    scheme_chosen_for: str = ""  # what "auto" saw: recorded in the manifest
     calibrate_method: str = "minmax"
     per_channel: bool = True
     reduce_range: bool = False  # 7-bit weights: only for CPUs without VNNI
@@ -57,8 +62,12 @@ class OrtInt8Options:
     ranking_images: int = 32  # calibration images on which each node's sensitivity is measured
 
     def __post_init__(self):
+        if self.scheme == "auto":
+            self.scheme = "u8s8" if int8_dot_exact() else "s8s8"
+            self.scheme_chosen_for = int8_dot_note()
         if self.scheme not in SCHEMES:
-            raise ExportError(f"unknown ONNX Runtime int8 scheme {self.scheme!r}; choose from {sorted(SCHEMES)}")
+            raise ExportError(f"unknown ONNX Runtime int8 scheme {self.scheme!r}; choose from "
+                              f"{['auto', *sorted(SCHEMES)]}")
         if self.calibrate_method not in CALIBRATION_METHODS:
             raise ExportError(f"unknown calibration method {self.calibrate_method!r}; "
                               f"choose from {CALIBRATION_METHODS}")
@@ -192,7 +201,8 @@ class OrtQuantizer:
                 reader.close()
         q = onnx.load(out_path)
         n_q = sum(1 for n in q.graph.node if n.op_type == "QuantizeLinear")
-        summary = {"options": options.to_dict(), "kept_float_nodes": exclude, "quantize_linear_nodes": n_q,
+        summary = {"options": options.to_dict(), "host_int8_dot_exact": int8_dot_exact(),
+                   "kept_float_nodes": exclude, "quantize_linear_nodes": n_q,
                    "calibration_images": len(self.calibration), "seconds": round(time.time() - t0, 1)}
         if only:
             summary["only_nodes"] = list(only)

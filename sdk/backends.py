@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from sdk.bundle import BACKENDS, BundleError, Manifest, Variant
+from sdk.cpu import int8_dot_exact
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,22 @@ def _speed_key(v: Variant) -> tuple:
     return (0, -float(measured)) if measured is not None else (1, rank)
 
 
+def saturation_risk(v: Variant) -> str | None:
+    """Why an ONNX Runtime U8S8 int8 variant cannot be trusted on this CPU, else None.
+
+    Its parity gate ran on a CPU whose int8 dot products are exact (VNNI / AMX / ARM); here u8 x s8
+    pairs saturate in int16, so the gate's numbers do not hold (see :mod:`sdk.cpu`). A U8S8 variant
+    gated on a saturating CPU was measured under saturation, and S8S8 does not saturate.
+    """
+    if v.backend != "onnxruntime" or v.precision != "int8":
+        return None
+    q = (v.parity.get("build") or {}).get("quantization") or {}
+    if (q.get("options") or {}).get("scheme") != "u8s8" or not q.get("host_int8_dot_exact") or int8_dot_exact():
+        return None
+    return ("its U8S8 int8 was gated on a CPU with exact int8 dot products (VNNI/AMX/ARM) and saturates on this "
+            "one (x86 without VNNI); export with --ort-scheme s8s8 for such CPUs")
+
+
 def plan(manifest: Manifest, backend: str = "auto", precision: str = "auto") -> tuple[list[Candidate], list[str]]:
     """Variants to try, best first, plus notes on what was passed over and why."""
     if backend != "auto" and backend not in BACKENDS:
@@ -166,15 +183,20 @@ def plan(manifest: Manifest, backend: str = "auto", precision: str = "auto") -> 
                 notes.append(f"{rt}: no {precision} variant")
                 continue
             for v in chosen:
+                risk = saturation_risk(v)
+                if risk:
+                    log.warning("variant %s: %s; using it because precision=%r was asked", v.name, risk, precision)
                 if not v.passed:
                     log.warning("variant %s did not pass its parity gate; using it because precision=%r was asked",
                                 v.name, precision)
                 out.append(Candidate(v, f"asked for {precision}" + ("" if v.passed else " (parity gate FAILED)")))
             continue
-        passed = [v for v in variants if v.passed]
+        passed = [v for v in variants if v.passed and not saturation_risk(v)]
         for v in variants:
             if not v.passed:
                 notes.append(f"{v.name}: skipped, did not pass its parity gate")
+            elif saturation_risk(v):
+                notes.append(f"{v.name}: skipped, {saturation_risk(v)}")
         for v in sorted(passed, key=_speed_key):
             measured = _speed_key(v)
             why = (f"fastest passing variant ({-measured[1]:.1f} images/s measured by the exporter)"
@@ -551,5 +573,5 @@ def open_runner(bundle_dir: str, manifest: Manifest, variant: Variant, threads: 
 
 
 __all__ = ["BackendError", "Candidate", "Runner", "OnnxRuntimeRunner", "OpenVINORunner", "TensorRTRunner", "plan",
-           "open_runner", "runtime_status", "runtime_hints", "build_tensorrt_engine", "nvidia_gpu_name",
-           "RUNTIME_ORDER", "PRECISION_SPEED", "BACKEND_ALIASES", "OPENVINO_PRECISION_HINTS"]
+           "open_runner", "runtime_status", "saturation_risk", "runtime_hints", "build_tensorrt_engine",
+           "nvidia_gpu_name", "RUNTIME_ORDER", "PRECISION_SPEED", "BACKEND_ALIASES", "OPENVINO_PRECISION_HINTS"]

@@ -81,7 +81,8 @@ def reference_embed(batch: np.ndarray, dim: int = 16, seed: int = 0) -> np.ndarr
 
 
 def make_bundle(out_dir: str | os.PathLike, dim: int = 16, seed: int = 0, openvino: bool = True,
-                int8_passed: bool | None = None, parity_extra: dict | None = None) -> Path:
+                int8_passed: bool | None = None, parity_extra: dict | None = None,
+                int8_build: dict | None = None) -> Path:
     """Write a valid bundle: onnxruntime-fp32 (+ openvino-fp32 IR; + a fake-int8 ONNX variant).
 
     ``int8_passed`` adds an "onnxruntime-int8" variant (the same fp32 graph, standing in for a
@@ -98,7 +99,9 @@ def make_bundle(out_dir: str | os.PathLike, dim: int = 16, seed: int = 0, openvi
             tiny_onnx(os.path.join(tmp, "onnx", "model_int8.onnx"), dim, seed)
             variants.append(Variant("onnxruntime-int8", "onnxruntime", "int8",
                                     [file_entry(tmp, "onnx/model_int8.onnx")],
-                                    parity={"recall@1": 0.49 if int8_passed else 0.3}, passed=int8_passed))
+                                    parity={"recall@1": 0.49 if int8_passed else 0.3,
+                                            **({"build": int8_build} if int8_build else {})},
+                                    passed=int8_passed))
         if openvino:
             import openvino as ov
 

@@ -358,7 +358,7 @@ def uniform(n, dim, seed):
 @pytest.mark.parametrize("seven_bit", [False, True])
 def test_int8_scan_is_exact_on_clustered_uniform_and_spiky_vectors(small_scan, monkeypatch, seven_bit):
     if seven_bit:  # the AVX2-without-VNNI code path
-        monkeypatch.setattr(small_scan, "_int8_dot_cannot_saturate", lambda: False)
+        monkeypatch.setattr(small_scan, "int8_dot_exact", lambda: False)
     x = np.concatenate([clustered(2500, dim=64, clusters=30, seed=3), uniform(2500, 64, 4)])
     x[[10, 3000]] = 0
     x[10, 5] = x[3000, 7] = 1.0  # quantise badly: handled as outliers, scored exactly
@@ -374,7 +374,7 @@ def test_int8_scan_is_exact_on_clustered_uniform_and_spiky_vectors(small_scan, m
     stats = cat.info()["exact_scan"]
     assert stats["queries"] == len(q) + 1 and stats["outliers"] >= 2
     # 7-bit codes when forced, and also on the natural path of a CPU without VNNI (AVX2 only)
-    assert cat.index._scan.code_max == (63 if seven_bit or not small_scan._int8_dot_cannot_saturate() else 127)
+    assert cat.index._scan.code_max == (63 if seven_bit or not small_scan.int8_dot_exact() else 127)
     cat.remove([0, 1, 2, 3000])  # tombstones: masked in the scan, which is kept (not rebuilt)
     assert cat.info()["exact_scan"]["queries"] == len(q) + 1
     keep = np.setdiff1d(np.arange(len(x)), [0, 1, 2, 3000])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import sdk.backends
 from sdk import Retriever
 from sdk.backends import BackendError, plan
 from sdk.bundle import BundleError, load_manifest
@@ -61,6 +62,30 @@ def test_variant_choice_follows_parity_gate_and_speed(tmp_path):
     measured = load_manifest(make_bundle(tmp_path / "m", openvino=False, int8_passed=True,
                                          parity_extra={"images_per_s": 1e6}))
     assert plan(measured, "onnxruntime")[0][0].variant.name == "onnxruntime-fp32"
+
+
+def _u8s8(host_exact: bool, scheme: str = "u8s8") -> dict:
+    return {"quantization": {"options": {"scheme": scheme}, "host_int8_dot_exact": host_exact}}
+
+
+@pytest.mark.parametrize("exact_here", [True, False])
+def test_u8s8_int8_gated_on_a_vnni_cpu_is_passed_over_where_u8s8_saturates(tmp_path, monkeypatch, caplog, exact_here):
+    monkeypatch.setattr(sdk.backends, "int8_dot_exact", lambda: exact_here)
+    gated_exact = load_manifest(make_bundle(tmp_path / "u", openvino=False, int8_passed=True, int8_build=_u8s8(True)))
+    cands, notes = plan(gated_exact, "onnxruntime")
+    names = [c.variant.name for c in cands]
+    if exact_here:
+        assert names == ["onnxruntime-int8", "onnxruntime-fp32"] and not notes
+    else:
+        assert names == ["onnxruntime-fp32"]
+        assert any(n.startswith("onnxruntime-int8: skipped") and "saturates on this one" in n for n in notes)
+        with caplog.at_level("WARNING", logger="sdk.backends"):  # asked for by precision: used, with a warning
+            assert plan(gated_exact, "onnxruntime", "int8")[0][0].variant.name == "onnxruntime-int8"
+        assert "saturates" in caplog.text
+    # measured under saturation (a U8S8 gated on such a CPU), or S8S8: the gate's numbers hold anywhere
+    for i, build in enumerate([_u8s8(False), _u8s8(True, "s8s8")]):
+        m = load_manifest(make_bundle(tmp_path / f"k{i}", openvino=False, int8_passed=True, int8_build=build))
+        assert [c.variant.name for c in plan(m, "onnxruntime")[0]] == ["onnxruntime-int8", "onnxruntime-fp32"]
 
 
 def test_tampered_bundle_and_unknown_schema_are_refused(tmp_path):

@@ -7,6 +7,8 @@ import importlib.util
 
 import numpy as np
 
+from sdk.cpu import int8_dot_exact
+
 INT8_MIN_ENTRIES = 20_000  # below this the fp32 scan is fast enough and the int8 codes not worth keeping
 
 # A 271-byte ONNX graph, shape-generic: values, indices = TopK(MatMulInteger(q:u8[n,d], xt:i8[d,N], zp=128), k),
@@ -18,24 +20,6 @@ INT8_TOPK_ONNX = base64.b64decode(
     "EgFkWhYKAnh0EhAKDggDEgoKAxIBZAoDEgFOWg8KAWsSCgoICAcSBAoCCAFiGwoGdmFsdWVzEhEKDwgGEgsKAxIBbgoEEgJra2IcCgdpbmRp"
     "Y2VzEhEKDwgHEgsKAxIBbgoEEgJra0IECgAQEQ=="
 )
-
-
-def _int8_dot_cannot_saturate() -> bool:
-    """True where ONNX Runtime's u8 x s8 GEMM accumulates exactly for full 8-bit codes.
-
-    x86 CPUs with VNNI / AMX and ARM dot-product units accumulate in int32; plain AVX2 kernels
-    add u8 x s8 pairs in saturating int16 first, so there (and when unsure) codes stay 7-bit.
-    """
-    import platform
-
-    if platform.machine().lower() in ("aarch64", "arm64"):
-        return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
 
 
 def int8_scan_available() -> bool:
@@ -97,7 +81,7 @@ class Int8ExactScan:
 
     @staticmethod
     def code_max_here() -> int:
-        return 127 if _int8_dot_cannot_saturate() else 63
+        return 127 if int8_dot_exact() else 63
 
     @classmethod
     def build(cls, vectors: np.ndarray, ids: np.ndarray) -> "Int8ExactScan":
