@@ -32,18 +32,13 @@ def loss_curve(history: list[dict], path: str, parts: dict[str, str] | None = No
     ``parts`` is the method's ``record key -> label`` (``get_method(name).loss_parts(method_config)``);
     None means IBC's two cross-entropies, the parts of runs logged before methods named their own.
     """
-    from trainer.plots import DEFAULT_PARTS
+    from trainer.plots import loss_series
 
     fig, ax = _figure()
     series = {}
-    total = None
-    for key, label in (("loss", "total"), *(DEFAULT_PARTS if parts is None else parts).items()):
-        pts = [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
-        if key == "loss":
-            total = pts
-        if pts and (key == "loss" or pts != total):  # a part equal to the total is drawn once
-            series[key] = pts
-            ax.plot(*zip(*pts), marker="o", label=label)
+    for key, (label, pts) in loss_series(history, parts).items():
+        series[key] = pts
+        ax.plot(*zip(*pts), marker="o", label=label)
     _finish_axes(ax, series, "training loss", "no finished epoch")
     _save(fig, path)
     return series

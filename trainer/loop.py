@@ -141,7 +141,7 @@ class _Run:
             model.classifier.requires_grad_(False)
         ctx = MethodContext(cfg, dist_info, self.train_items, device, self.channels_last, self.adtype)
         self.method = method = method_cls(cfg.method, model, ctx).to(device)
-        self.parts = dict(method.parts)
+        self.parts = method_cls.loss_parts(cfg.method)  # the one source: also what the report reads
         self.sampler = method.make_sampler(
             [y for _, y in self.train_items], classes_per_batch=cfg.sampler.classes_per_batch,
             images_per_class=cfg.sampler.images_per_class, seed=rt.seed, rank=dist_info.rank,

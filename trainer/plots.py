@@ -12,6 +12,20 @@ log = logging.getLogger(__name__)
 DEFAULT_PARTS = {"loss_backbone": "backbone CE", "loss_mpn": "MPN CE"}
 
 
+def loss_series(records: list[dict], parts: dict[str, str] | None = None) -> dict[str, tuple[str, list]]:
+    """``key -> (label, [(epoch, value), ...])`` for the total loss and each reported part.
+
+    ``parts`` is the method's ``record key -> label`` (None: IBC's two cross-entropies, the parts of
+    runs logged before methods named their own). A part equal to the total is drawn once, as the total.
+    """
+    series: dict[str, tuple[str, list]] = {}
+    for key, label in (("loss", "total"), *(DEFAULT_PARTS if parts is None else parts).items()):
+        pts = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+        if pts and (key == "loss" or pts != series.get("loss", ("", None))[1]):
+            series[key] = (label, pts)
+    return series
+
+
 def plot_metrics(records: list[dict], out_dir: str, final: dict | None = None,
                  parts: dict[str, str] | None = None) -> list[str]:
     """Write ``loss.png`` and ``recall.png`` from per-epoch records; returns the paths written.
@@ -33,12 +47,8 @@ def plot_metrics(records: list[dict], out_dir: str, final: dict | None = None,
     epochs = [r["epoch"] for r in records]
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    parts = DEFAULT_PARTS if parts is None else parts
-    total = [(r["epoch"], r["loss"]) for r in records if r.get("loss") is not None]
-    for key, label in (("loss", "total"), *parts.items()):
-        pts = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
-        if pts and (key == "loss" or pts != total):
-            ax.plot(*zip(*pts), marker="o", label=label)
+    for label, pts in loss_series(records, parts).values():
+        ax.plot(*zip(*pts), marker="o", label=label)
     written.append(_finish(plt, fig, ax, "training loss", os.path.join(out_dir, "loss.png")))
 
     keys = sorted({k for r in records for k in r if k.startswith(("val/recall@", "test/recall@"))},

@@ -121,7 +121,6 @@ class PML(Method):
 
     def __init__(self, config: PMLConfig, model, ctx):
         super().__init__(config, model, ctx)
-        self.parts = self.loss_parts(config)
         loss = build_loss(config, ctx.config.model.num_classes, ctx.config.model.embed_dim)
         miner = build_miner(config)
         if ctx.dist.enabled and LOSSES[config.loss][3]:  # tuple losses: pairs across the global batch
