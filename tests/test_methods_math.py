@@ -17,6 +17,7 @@ from trainer.methods import Method, get_method, list_methods, register_method
 from trainer.methods.divide_conquer import (ClusterPKBatchSampler, margin_loss, margin_pairs, match_cluster_ids,
                                             negative_weights, pairwise_distances, subspace)
 from trainer.methods.group_loss import choose_anchors, group_loss, pearson_similarity, replicator_step
+from trainer.sampler import epoch_batches
 
 register_tiny_backbones()
 NOWHERE = Path("/nonexistent-data")  # configs load without reading data
@@ -159,6 +160,22 @@ def test_cluster_sampler_draws_each_batch_from_one_cluster():
     assert set(i for b in batches for i in b) == set(range(len(labels)))
     s.set_clusters(None)
     assert s.cluster_of(0, 0) is None
+
+
+def test_cluster_sampler_keeps_the_plain_samplers_steps_per_epoch():
+    """Classes split unevenly across clusters pad to K in each: the epoch still has the plain count."""
+    labels = np.repeat(np.arange(10), 7)
+    s = ClusterPKBatchSampler(labels, classes_per_batch=4, images_per_class=4, seed=1)
+    plain = len(s.global_batches(0))
+    clusters = np.random.default_rng(0).integers(0, 3, len(labels))
+    untruncated = sum(len(epoch_batches(labels[clusters == c], 4, 4, 1, c + 1)) for c in range(3))  # epoch 0
+    assert untruncated > plain  # what the cluster batches would add without the budget
+    s.set_clusters(clusters)
+    for epoch in (0, 1):
+        batches = s.global_batches(epoch)
+        assert len(batches) == len(epoch_batches(labels, 4, 4, 1, epoch)) and len(batches[0]) == 16
+        for b, batch in enumerate(batches):
+            assert {int(clusters[i]) for i in batch} == {s.cluster_of(epoch, b)}
 
 
 # --------------------------------------------------------------------------- PML

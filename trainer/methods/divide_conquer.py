@@ -123,7 +123,12 @@ def margin_loss(x: torch.Tensor, anchors: torch.Tensor, positives: torch.Tensor,
 
 class ClusterPKBatchSampler(PKBatchSampler):
     """P x K batches drawn inside one cluster each (clusters interleaved in a seeded order); without
-    clusters (``set_clusters(None)``) the plain P x K sampler."""
+    clusters (``set_clusters(None)``) the plain P x K sampler.
+
+    An epoch has as many batches as the plain sampler's: split across clusters, a class's images pad
+    to K in each cluster and short batches fill up, which gave ~48 % more steps per epoch on
+    Flowers-102 (137 vs 93), more training than the other methods got for the same epochs.
+    """
 
     def __init__(self, labels, **kw):
         super().__init__(labels, **kw)
@@ -149,7 +154,8 @@ class ClusterPKBatchSampler(PKBatchSampler):
                 for b in epoch_batches(self.labels[idx], p, k, self.seed, epoch * 4096 + int(c) + 1):
                     batches.append([int(idx[i]) for i in b])
                     owners.append(int(c))
-            order = _rng(self.seed, epoch, 10**6).permutation(len(batches))
+            budget = len(epoch_batches(self.labels, p, k, self.seed, epoch))  # the plain sampler's count
+            order = _rng(self.seed, epoch, 10**6).permutation(len(batches))[:budget]
             self._cache = (epoch, [batches[i] for i in order])
             self._owners = [owners[i] for i in order]
         return self._cache[1]
