@@ -264,7 +264,7 @@ def test_server_mode_eight_searchers_and_one_writer_lose_and_duplicate_nothing(s
 
 
 @pytest.mark.slow
-def test_an_insert_cut_by_the_server_stopping_keeps_exactly_the_completed_batches(tmp_path):
+def test_an_insert_cut_by_the_server_stopping_keeps_whole_batches_and_says_which_may_be_in(tmp_path):
     data, port = tmp_path / "srv", free_port()
     proc = start_server(data, port)
     uri = f"http://127.0.0.1:{port}"
@@ -287,8 +287,11 @@ def test_an_insert_cut_by_the_server_stopping_keeps_exactly_the_completed_batche
         assert done % 200 == 0 and done < 20_000
         proc = start_server(data, port)
         again = MilvusStore(uri, DIM, model=MODEL, timeout=20)
-        assert len(again) == again.info()["entries"] == done
-        assert again.ids() == list(range(done))
+        # the confirmed batches, plus the one in flight when the server committed it but its answer was lost
+        # (seen under load): whole batches, never part of one
+        assert len(again) == again.info()["entries"] in (done, done + 200)
+        assert f"rows {done}-{done + 199} of this call, may be stored too" in str(caught.value)
+        assert again.ids() == list(range(len(again)))
     finally:
         stop_server(proc)
 

@@ -311,9 +311,12 @@ class MilvusStore:
                     if bar is not None:
                         bar.update(e - s)
             except (StoreError, KeyboardInterrupt) as err:
+                flight = (f"; the batch in flight, rows {done}-{min(done + self.batch_size, n) - 1} of this call, "
+                          f"may be stored too, whole, if the server committed it before its answer was lost: "
+                          f"len(store) tells") if done < n else ""
                 raise StoreError(f"{self.address.display}: insert stopped after {done} of {n} rows "
-                                 f"({done // self.batch_size} complete batches of {self.batch_size}, kept in the "
-                                 f"store): {err}") from None
+                                 f"({done // self.batch_size} confirmed batches of {self.batch_size}, kept in the "
+                                 f"store{flight}): {err}") from None
             finally:
                 if bar is not None:
                     bar.close()
