@@ -191,12 +191,13 @@ def plan(manifest: Manifest, backend: str = "auto", precision: str = "auto") -> 
                                 v.name, precision)
                 out.append(Candidate(v, f"asked for {precision}" + ("" if v.passed else " (parity gate FAILED)")))
             continue
-        passed = [v for v in variants if v.passed and not saturation_risk(v)]
+        risks = {v.name: saturation_risk(v) for v in variants}
+        passed = [v for v in variants if v.passed and not risks[v.name]]
         for v in variants:
             if not v.passed:
                 notes.append(f"{v.name}: skipped, did not pass its parity gate")
-            elif saturation_risk(v):
-                notes.append(f"{v.name}: skipped, {saturation_risk(v)}")
+            elif risks[v.name]:
+                notes.append(f"{v.name}: skipped, {risks[v.name]}")
         for v in sorted(passed, key=_speed_key):
             measured = _speed_key(v)
             why = (f"fastest passing variant ({-measured[1]:.1f} images/s measured by the exporter)"

@@ -15,6 +15,10 @@ import platform
 EXACT_INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
+def _is_arm() -> bool:
+    return platform.machine().lower() in ("aarch64", "arm64")
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
     """The ``flags`` line of /proc/cpuinfo (empty where there is none)."""
@@ -27,14 +31,14 @@ def cpu_flags() -> frozenset[str]:
 
 def int8_dot_exact() -> bool:
     """True where a u8 x s8 dot product accumulates in int32 without saturating (when unsure: False)."""
-    if platform.machine().lower() in ("aarch64", "arm64"):
+    if _is_arm():
         return True
     return bool(EXACT_INT8_FLAGS & cpu_flags())
 
 
 def int8_dot_note() -> str:
     """A few words for logs and manifests: which kind of int8 dot product this CPU has."""
-    if platform.machine().lower() in ("aarch64", "arm64"):
+    if _is_arm():
         return "ARM (int32 dot products)"
     found = sorted(EXACT_INT8_FLAGS & cpu_flags())
     return f"x86 with {', '.join(found)}" if found else "x86 without VNNI (u8 x s8 saturates in int16)"
