@@ -25,6 +25,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from sdk.cpu import cpu_description  # noqa: E402
+
 OUT_DIR = ROOT / "bench" / "out"
 PML_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
 OURS_TO_PML = {"precision@1": "precision_at_1", "r_precision": "r_precision", "map@r": "mean_average_precision_at_r", "nmi": "NMI"}
@@ -149,15 +152,8 @@ def measure(kind: str, data: Path, nmi: bool, ks: tuple[int, ...], pml_k: str, p
 
 
 def machine() -> dict:
-    model = platform.processor() or "unknown"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
-    return {"cpu": model, "cores": os.cpu_count(), "mem_gb": round(mem_gb, 1), "gpu": "none",
+    return {"cpu": cpu_description(), "cores": os.cpu_count(), "mem_gb": round(mem_gb, 1), "gpu": "none",
             "python": platform.python_version(), "load_avg_at_start": os.getloadavg()}
 
 

@@ -3,7 +3,9 @@
     python bench/compare_methods.py --dataset flowers --dataset omniglot          # runs, then the table
     python bench/compare_methods.py --dataset flowers --table-only                # table from finished runs
     python bench/compare_methods.py --dataset omniglot --max-steps 3 --seeds 1 \\
-        --runs-dir /tmp/cmp --summaries-dir /tmp/cmp/sum --results-md /tmp/cmp/RESULTS.md --chart /tmp/cmp/chart.png   # smoke test
+        --runs-dir /tmp/cmp --summaries-dir /tmp/cmp/sum --results-md /tmp/cmp/RESULTS.md --chart '/tmp/cmp/{dataset}.png'   # smoke test
+    python bench/compare_methods.py --dataset omniglot-lite0 --methods ibc --pml multi_similarity --seeds 1
+                                                          # issue 10: does the Flowers Lite0 preset carry?
 
 Methods: ``ibc``, ``ce``, ``group_loss``, ``divide_conquer`` with every seed; the classic losses
 (``pml-<loss>``, pytorch-metric-learning) get a 1-seed screen (seed 0) and the best of them on
@@ -13,8 +15,9 @@ file ``SUMMARIES/<dataset>/<entry>-s<seed>.json`` (``--summaries-dir``, by defau
 which is committed: the run folders with their checkpoints are not). A run with a summary is never
 repeated; one that was stopped (``last.pt``, no summary) continues with ``--resume``; so the
 comparison can be spread over several sittings, and over sessions on fresh clones. The table (mean ± std of R@1/2/4/8, MAP@R, NMI and training minutes; the zero-shot
-row when the backbone is pretrained) replaces this dataset's section of ``--results-md`` and a bar
-chart of R@1 goes to ``--chart``.
+row when the backbone is pretrained) replaces this dataset's section of ``--results-md`` and a chart
+of R@1 goes to ``--chart`` (one PNG per dataset). ``omniglot-lite0`` is the Flowers Lite0 preset carried
+unchanged to Omniglot (see DATASET_SETS).
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -33,7 +35,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = {"flowers": "configs/flowers102-lite0-cpu.yaml", "omniglot": "configs/omniglot-cpu.yaml"}
+sys.path.insert(0, str(ROOT))
+from sdk.cpu import cpu_description  # noqa: E402
+PRESETS = {"flowers": "configs/flowers102-lite0-cpu.yaml", "omniglot": "configs/omniglot-cpu.yaml",
+           "omniglot-lite0": "configs/flowers102-lite0-cpu.yaml"}
+# A dataset's own overrides of its preset. ``omniglot-lite0`` is the carry-over check of issue 10: the
+# Flowers Lite0 preset, chosen on Flowers' validation split, applied unchanged to a dataset it never
+# saw, as a user with their own folder of images gets it. Omniglot's 771 training characters give 5x
+# Flowers' images per epoch, so its budget is one epoch (482 steps against Flowers' 373), with the
+# preset's frozen-backbone and warm-up shares of the schedule kept (0.5 and 0.3 of 4 epochs).
+DATASET_SETS = {"omniglot-lite0": ["data.dataset=omniglot", "data.root=../shared/data/omniglot",
+                                   "data.num_train_classes=null", "optim.epochs=1",
+                                   "finetune.freeze_backbone_epochs=0.125", "optim.warmup_epochs=0.075"]}
 CORE = ["ibc", "ce", "group_loss", "divide_conquer"]
 PML_LOSSES = ["triplet", "contrastive", "multi_similarity", "proxy_anchor", "normalized_softmax", "arcface"]
 KEYS = [("recall@1", "R@1"), ("recall@2", "R@2"), ("recall@4", "R@4"), ("recall@8", "R@8"), ("map@r", "MAP@R"),
@@ -69,8 +82,13 @@ def read_summary(path: Path, digest: str) -> dict | None:
     return r
 
 
+def dataset_sets(dataset: str, extra: list[str]) -> list[str]:
+    """Every run's --set overrides for ``dataset`` besides the method's: the dataset's own, then the user's."""
+    return DATASET_SETS.get(dataset, []) + extra
+
+
 def run_one(runs: Path, summaries: Path, dataset: str, entry: str, seed: int, extra: list[str]) -> dict | None:
-    """Train (or resume, or skip) one run; returns its summary, None if it failed."""
+    """Train (or resume, or skip) one run; returns its summary, None if it failed. ``extra``: dataset_sets()."""
     summary = summary_path(summaries, dataset, entry, seed)
     digest = preset_digest(dataset, extra)
     done = read_summary(summary, digest)
@@ -97,7 +115,8 @@ def run_one(runs: Path, summaries: Path, dataset: str, entry: str, seed: int, ex
     d = json.loads(final.read_text())
     result = {"dataset": dataset, "entry": entry, "seed": seed, "test": d["test"], "baseline": d.get("baseline"),
               "epochs": d["epochs"], "steps": d["steps"], "train_time_s": d["train_time_s"],
-              "stopped": d.get("stopped"), "load_avg_end": d.get("load_avg_end"), "config": PRESETS[dataset],
+              "stopped": d.get("stopped"), "load_avg_end": d.get("load_avg_end"), "cpu": cpu_description(),
+              "config": PRESETS[dataset],
               "overrides": entry_sets(entry) + extra, "preset_digest": digest, "run": os.path.relpath(out, ROOT)}
     summary.parent.mkdir(parents=True, exist_ok=True)
     summary.write_text(json.dumps(result, indent=2))
@@ -110,14 +129,17 @@ def best_pml(results: list[dict]) -> str | None:
 
 
 def _cell(vals: list[float]) -> str:
+    """mean ± std over seeds; one seed (the screen) is its value alone: it has no spread to show."""
     if not vals:
         return "-"
-    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{statistics.mean(vals):.2f} ± {sd:.2f}"
+    if len(vals) == 1:
+        return f"{vals[0]:.2f}"
+    return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
 
 
 def table(dataset: str, results: list[dict]) -> str:
     rows = [r for r in results if r["dataset"] == dataset]
+    cpu_labels = cpu_letters(rows)
     head = ["method", "seeds"] + [name for _, name in KEYS] + ["train min/run (median)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     baseline = next((r["baseline"]["test"] for r in rows if r.get("baseline")), None)
@@ -131,21 +153,31 @@ def table(dataset: str, results: list[dict]) -> str:
         cells = [e, ",".join(str(r["seed"]) for r in rs)]
         cells += [_cell([100 * r["test"][k] for r in rs if k in r["test"]]) for k, _ in KEYS]
         # the median: a run that shared the CPU with other work is slower, not the method
-        cells.append(f"{statistics.median(r['train_time_s'] for r in rs) / 60:.1f}")
+        tag = "".join(sorted({cpu_labels[_cpu(r)] for r in rs})) if len(cpu_labels) > 1 else ""
+        cells.append(f"{statistics.median(r['train_time_s'] for r in rs) / 60:.1f}" + (f" ({tag})" if tag else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def machine_note(results: list[dict]) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        cpu = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), cpu)
-    except OSError:
-        pass
-    loads = [r["load_avg_end"][0] for r in results if r.get("load_avg_end")]
+def _cpu(r: dict) -> str:
+    return r.get("cpu", "CPU not recorded")
+
+
+def cpu_letters(rows: list[dict]) -> dict[str, str]:
+    """A letter per CPU the runs ran on (A, B, ...): the minutes column says which machine each row is from."""
+    return {cpu: chr(ord("A") + i) for i, cpu in enumerate(sorted({_cpu(r) for r in rows}))}
+
+
+def machine_note(rows: list[dict]) -> str:
+    """The CPUs the runs ran on (each summary records its own) and how loaded the machine was."""
+    letters = cpu_letters(rows)
+    loads = [r["load_avg_end"][0] for r in rows if r.get("load_avg_end")]
     load = f"; 1-min load average at the end of the runs {min(loads):.1f}-{max(loads):.1f}" if loads else ""
-    return f"CPU: {cpu}, {os.cpu_count()} cores{load} (a load above the core count means a shared machine)."
+    if len(letters) == 1:
+        return f"CPU: {next(iter(letters))}{load} (a load above the core count means a shared machine)."
+    named = "; ".join(f"({letter}) {cpu}" for cpu, letter in letters.items())
+    return (f"CPUs: {named}{load} (a load above the core count means a shared machine). Training minutes are "
+            f"comparable only between runs on the same CPU: the letter beside them says which.")
 
 
 def write_section(md: Path, dataset: str, body: str) -> None:
@@ -161,8 +193,8 @@ def write_section(md: Path, dataset: str, body: str) -> None:
     md.write_text(text)
 
 
-def bar_chart(path: Path, results: list[dict], datasets: list[str]) -> None:
-    """Test R@1 per method, best first: every seed as a cross, the mean ± std as a bar with its value.
+def bar_chart(path: Path, rows: list[dict], dataset: str) -> None:
+    """One dataset's test R@1 per method, best at the top: every seed a cross, the mean ± std a point with its value.
 
     Why points on a zoomed axis and not bars from 0: the methods differ by tenths of a point, which
     bars from 0 hide (they all look the same height), and a bar on a cut axis exaggerates.
@@ -172,28 +204,26 @@ def bar_chart(path: Path, results: list[dict], datasets: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
-        rows = [r for r in results if r["dataset"] == dataset]
-        by_entry = {e: [100 * r["test"]["recall@1"] for r in rows if r["entry"] == e]
-                    for e in dict.fromkeys(r["entry"] for r in rows)}
-        entries = sorted(by_entry, key=lambda e: statistics.mean(by_entry[e]))  # best at the top
-        for y, e in enumerate(entries):
-            vals = by_entry[e]
-            mean, sd = statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
-            ax.errorbar([mean], [y], xerr=[sd], fmt="o", color=f"C{y % 10}", markersize=8, capsize=4)
-            ax.plot(vals, [y - 0.22] * len(vals), "x", color=f"C{y % 10}", markersize=6, alpha=0.8)
-            ax.annotate(f"{mean:.2f}" + (f" ± {sd:.2f}" if len(vals) > 1 else " (1 seed)"), (mean, y),
-                        xytext=(0, 9), textcoords="offset points", ha="center", fontsize=8)
-        base = next((r["baseline"]["test"]["recall@1"] for r in rows if r.get("baseline")), None)
-        if base is not None:
-            ax.axvline(100 * base, color="k", linestyle="--", linewidth=1, label=f"zero-shot {100 * base:.2f}")
-            ax.legend(loc="lower right", fontsize=8)
-        ax.set_yticks(range(len(entries)), entries)
-        ax.set_ylim(-0.6, len(entries) - 0.3)
-        ax.set_xlabel("test R@1 (%): mean ± std over seeds; x = one seed")
-        ax.set_title(dataset)
-        ax.grid(axis="x", alpha=0.3)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    by_entry = {e: [100 * r["test"]["recall@1"] for r in rows if r["entry"] == e]
+                for e in dict.fromkeys(r["entry"] for r in rows)}
+    entries = sorted(by_entry, key=lambda e: statistics.mean(by_entry[e]))  # best at the top
+    for y, e in enumerate(entries):
+        vals = by_entry[e]
+        mean, sd = statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+        ax.errorbar([mean], [y], xerr=[sd], fmt="o", color=f"C{y % 10}", markersize=8, capsize=4)
+        ax.plot(vals, [y - 0.22] * len(vals), "x", color=f"C{y % 10}", markersize=6, alpha=0.8)
+        ax.annotate(f"{mean:.2f}" + (f" ± {sd:.2f}" if len(vals) > 1 else " (1 seed)"), (mean, y),
+                    xytext=(0, 9), textcoords="offset points", ha="center", fontsize=8)
+    base = next((r["baseline"]["test"]["recall@1"] for r in rows if r.get("baseline")), None)
+    if base is not None:
+        ax.axvline(100 * base, color="k", linestyle="--", linewidth=1, label=f"zero-shot {100 * base:.2f}")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_yticks(range(len(entries)), entries)
+    ax.set_ylim(-0.6, len(entries) - 0.3)
+    ax.set_xlabel("test R@1 (%): mean ± std over seeds; x = one seed")
+    ax.set_title(dataset)
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -213,7 +243,8 @@ def main() -> None:
     p.add_argument("--summaries-dir", default=str(ROOT / "bench" / "compare_runs"),
                    help="one JSON summary per finished run (committed, so later sittings resume)")
     p.add_argument("--results-md", default=str(ROOT / "bench" / "RESULTS.md"))
-    p.add_argument("--chart", default=str(ROOT / "bench" / "compare_methods.png"))
+    p.add_argument("--chart", default=str(ROOT / "bench" / "compare_methods_{dataset}.png"),
+                   help="R@1 chart of each dataset ({dataset} is replaced by its name)")
     p.add_argument("--table-only", action="store_true", help="no training: the table from finished runs")
     args = p.parse_args()
     extra = list(args.extra)
@@ -230,9 +261,10 @@ def main() -> None:
 
     def one(dataset: str, entry: str, seed: int) -> None:
         if args.table_only:
-            r = read_summary(summary_path(summaries, dataset, entry, seed), preset_digest(dataset, extra))
+            sets = dataset_sets(dataset, extra)
+            r = read_summary(summary_path(summaries, dataset, entry, seed), preset_digest(dataset, sets))
         else:
-            r = run_one(runs, summaries, dataset, entry, seed, extra)
+            r = run_one(runs, summaries, dataset, entry, seed, dataset_sets(dataset, extra))
             if r is None:
                 failed.append(f"{dataset}/{entry}-s{seed}")
         if r is not None:
@@ -252,15 +284,17 @@ def main() -> None:
         if not rows:
             continue
         budget = sorted({f"{r['epochs']} epochs / {r['steps']} steps" for r in rows})
-        body = (f"### Methods compared: {dataset} ({PRESETS[dataset]})\n\n"
+        chart = Path(args.chart.replace("{dataset}", dataset))
+        bar_chart(chart, rows, dataset)
+        sets = DATASET_SETS.get(dataset)
+        body = (f"### Methods compared: {dataset} ({PRESETS[dataset]}"
+                + (f" with {', '.join(f'`{x}`' for x in sets)}" if sets else "") + ")\n\n"
                 f"`{shlex.join(['python', 'bench/compare_methods.py', *sys.argv[1:]])}`; same backbone, image size, sampler, "
                 f"augmentations and budget for every method ({', '.join(budget)}); test classes; mean ± std over "
                 f"seeds; the classic losses screened with seed 0, the best with all seeds. "
-                f"{machine_note(rows)}\n\n{table(dataset, rows)}\n\n![R@1 by method]({os.path.relpath(args.chart, Path(args.results_md).parent)})")
+                f"{machine_note(rows)}\n\n{table(dataset, rows)}\n\n![R@1 by method]({os.path.relpath(chart, Path(args.results_md).parent)})")
         write_section(Path(args.results_md), dataset, body)
         print(f"\n{dataset}\n{table(dataset, rows)}")
-    if results:
-        bar_chart(Path(args.chart), results, [d for d in args.dataset if any(r["dataset"] == d for r in results)])
     if failed:
         print("failed runs (see their .log): " + ", ".join(failed), file=sys.stderr)
         sys.exit(1)

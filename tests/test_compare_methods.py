@@ -25,7 +25,13 @@ def test_screen_pick_table_and_section(tmp_path):
     lines = t.splitlines()
     assert lines[2].startswith("| zero-shot") and "40.00" in lines[2]
     assert lines[3].startswith("| ibc | 0,1 | 61.00 ± 1.41")  # best first, mean ± std over the seeds
-    assert lines[4].startswith("| pml-arcface | 0 | 55.00 ± 0.00")
+    assert lines[4].startswith("| pml-arcface | 0 | 55.00 | 55.00 | 100.00")  # one seed: no spread
+    assert lines[3].endswith("| 2.0 |") and "CPU: CPU not recorded" in cm.machine_note(rows)
+    # runs from two machines: the minutes say which CPU each row ran on
+    rows[3]["cpu"] = "AMD EPYC (family 26 model 2; AVX-512, VNNI; 2 cores)"
+    t2 = cm.table("flowers", rows).splitlines()
+    assert t2[3].endswith("| 2.0 (B) |") and t2[4].endswith("| 2.0 (A) |")
+    assert "(A) AMD EPYC (family 26" in cm.machine_note(rows) and "(B) CPU not recorded" in cm.machine_note(rows)
     md = tmp_path / "R.md"
     md.write_text("# Results\n\nkept\n")
     cm.write_section(md, "flowers", "first")
@@ -48,3 +54,21 @@ def test_summaries_from_another_preset_are_left_out(tmp_path, monkeypatch):
     assert cm.preset_digest("flowers", ["optim.epochs=2"]) != digest
     (tmp_path / "preset.yaml").write_text("optim: {epochs: 5}\n")
     assert cm.read_summary(path, cm.preset_digest("flowers", [])) is None
+
+
+def test_carry_over_entry_is_the_flowers_preset_on_omniglot():
+    """omniglot-lite0 (issue 10's carry-over check) loads as the Flowers Lite0 preset with only the data
+    and the budget changed; the other datasets' runs keep their digests (no override added to them)."""
+    from trainer.config import load_config
+
+    assert cm.dataset_sets("flowers", ["x=1"]) == ["x=1"]
+    sets = cm.dataset_sets("omniglot-lite0", [])
+    flowers = load_config(str(ROOT / cm.PRESETS["flowers"]), [])
+    carried = load_config(str(ROOT / cm.PRESETS["omniglot-lite0"]), sets)
+    assert (carried.data.dataset, carried.optim.epochs) == ("omniglot", 1)
+    # the preset's schedule shares are kept: frozen backbone and warm-up as fractions of the run
+    assert carried.finetune.freeze_backbone_epochs / 1 == flowers.finetune.freeze_backbone_epochs / flowers.optim.epochs
+    assert carried.optim.warmup_epochs / 1 == flowers.optim.warmup_epochs / flowers.optim.epochs
+    assert (carried.model, carried.augment, carried.sampler, carried.loss) == (
+        flowers.model, flowers.augment, flowers.sampler, flowers.loss)
+    assert cm.preset_digest("omniglot-lite0", sets) != cm.preset_digest("flowers", [])

@@ -36,6 +36,22 @@ def test_cpu_flags_reads_this_machines_cpuinfo():
     assert flags == frozenset(line.split(":", 1)[1].split()) and "fpu" in flags
 
 
+@pytest.mark.parametrize("fields, text", [
+    ({"model name": "AMD EPYC", "cpu family": "25", "model": "1", "flags": "fpu avx2 fma"},
+     "AMD EPYC (family 25 model 1; AVX2; 2 cores)"),
+    ({"model name": "AMD EPYC", "cpu family": "26", "model": "2", "flags": "avx2 avx512f avx512_vnni avx_vnni"},
+     "AMD EPYC (family 26 model 2; AVX-512, VNNI; 2 cores)"),
+    ({"model name": "Intel(R) Xeon(R) Platinum 8480+", "cpu family": "6", "model": "143",
+      "flags": "avx2 avx512f avx512_vnni amx_tile amx_int8"},
+     "Intel(R) Xeon(R) Platinum 8480+ (family 6 model 143; AVX-512, VNNI, AMX; 2 cores)"),
+])
+def test_cpu_description_tells_same_named_cpus_apart(monkeypatch, fields, text):
+    """Two "AMD EPYC"s of different speed (and int8 behaviour) must read differently in a benchmark record."""
+    monkeypatch.setattr(sdk.cpu, "_cpuinfo", lambda: fields)
+    monkeypatch.setattr(sdk.cpu.os, "cpu_count", lambda: 2)
+    assert sdk.cpu.cpu_description() == text
+
+
 @pytest.mark.parametrize("exact, scheme", [(True, "u8s8"), (False, "s8s8")])
 def test_auto_scheme_is_u8s8_only_where_it_cannot_saturate(monkeypatch, exact, scheme):
     monkeypatch.setattr(oq, "int8_dot_exact", lambda: exact)
