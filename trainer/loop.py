@@ -376,6 +376,19 @@ def _check_eval_overrides(overrides: dict) -> None:
                                   f"only runtime.{{{','.join(allowed)}}} can be overridden")
 
 
+def load_trained_model(path: str, overrides: dict | None = None) -> tuple[IBCModel, Config, dict]:
+    """(model with the checkpoint's weights, its training config with ``overrides`` merged, the checkpoint)."""
+    from trainer.config import deep_merge
+
+    ckpt = load_checkpoint(path)
+    cfg = Config.from_dict(deep_merge(dict(ckpt.get("config") or {}), overrides or {}))
+    mc = ModelConfig.from_dict(ckpt["model_config"])
+    mc.pretrained = False  # the checkpoint has the weights: never look for the ImageNet ones
+    model = IBCModel(mc)
+    load_model_state(model, ckpt["model"], where=path)
+    return model, cfg, ckpt
+
+
 def evaluate_checkpoint(path: str, *, data_root: str | None = None, overrides: dict | None = None,
                         split: str = "test", out_dir: str | None = None, batch_size: int = 128,
                         num_workers: int | None = None, device: str = "auto", nmi: bool = True) -> dict:
@@ -383,10 +396,7 @@ def evaluate_checkpoint(path: str, *, data_root: str | None = None, overrides: d
     from trainer.config import deep_merge
 
     _check_eval_overrides(overrides or {})
-    ckpt = load_checkpoint(path)
-    cfg_d = dict(ckpt.get("config") or {})
     if overrides:
-        cfg_d = deep_merge(cfg_d, overrides)
         given = overrides.get("runtime") or {}
         batch_size = int(given.get("eval_batch_size", batch_size))
         device = str(given.get("device", device))
@@ -394,12 +404,8 @@ def evaluate_checkpoint(path: str, *, data_root: str | None = None, overrides: d
         if given.get("threads"):
             torch.set_num_threads(int(given["threads"]))
     if data_root:
-        cfg_d = deep_merge(cfg_d, {"data": {"root": data_root}})
-    cfg = Config.from_dict(cfg_d)
-    mc = ModelConfig.from_dict(ckpt["model_config"])
-    mc.pretrained = False
-    model = IBCModel(mc)
-    load_model_state(model, ckpt["model"], where=path)
+        overrides = deep_merge(overrides or {}, {"data": {"root": data_root}})
+    model, cfg, ckpt = load_trained_model(path, overrides)
     dev = resolve_device(device)
     model.to(dev).eval()
     dc = cfg.data
@@ -416,6 +422,6 @@ def evaluate_checkpoint(path: str, *, data_root: str | None = None, overrides: d
     return m
 
 
-__all__ = ["train", "TrainResult", "TrainingError", "TrainStep", "StepEngine", "evaluate_checkpoint", "lr_factor",
-           "parameter_groups", "backbone_frozen_at", "set_backbone_mode", "init_head", "rng_state", "set_rng_state",
+__all__ = ["train", "TrainResult", "TrainingError", "TrainStep", "StepEngine", "evaluate_checkpoint",
+           "load_trained_model", "lr_factor", "parameter_groups", "backbone_frozen_at", "set_backbone_mode", "init_head", "rng_state", "set_rng_state",
            "CheckpointError", "ModelConfig", "Any"]
