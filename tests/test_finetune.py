@@ -43,6 +43,13 @@ def test_parameter_groups_cover_every_parameter_once():
     assert len(ids) == len(set(ids)) == sum(1 for p in model.parameters() if p.requires_grad)
     assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.backbone.parameters()}
     assert [g["lr_mult"] for g in groups] == [0.1, 1.0]
+    # a classifier multiplier moves exactly the classifiers (backbone's and MPN's) into a third group
+    groups = parameter_groups(model, 0.1, 10.0)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == sum(1 for p in model.parameters() if p.requires_grad)
+    clf = {id(p) for m in (model.classifier, model.mpn_classifier) for p in m.parameters() if p.requires_grad}
+    assert [g["name"] for g in groups] == ["backbone", "head", "classifiers"] and groups[2]["lr_mult"] == 10.0
+    assert {id(p) for p in groups[2]["params"]} == clf and not clf & {id(p) for p in groups[1]["params"]}
 
 
 def test_frozen_warmup_boundary():

@@ -101,6 +101,7 @@ class FinetuneConfig:
     """How a pretrained backbone is fine-tuned beside the new head, MPN and classifiers."""
 
     backbone_lr_mult: float = 1.0  # backbone lr = optim.lr * this; head / MPN / classifiers train at optim.lr
+    classifier_lr_mult: float = 1.0  # classifiers (backbone's, MPN's) at optim.lr * this: many classes, few images
     freeze_backbone_epochs: float = 0.0  # warm-up: the backbone is frozen (weights and BatchNorm) this long
     bn_mode: str = "train"  # backbone BatchNorm: "train" (batch statistics, running stats updated) | "frozen"
     head_init: str = "default"  # embedding head: "default" (PyTorch's Linear init) | "orthogonal" (zero bias)
@@ -419,6 +420,8 @@ def validate(cfg: Config) -> None:
     ft = cfg.finetune
     if ft.backbone_lr_mult < 0 or ft.freeze_backbone_epochs < 0:
         raise ConfigError("finetune.backbone_lr_mult and finetune.freeze_backbone_epochs must be >= 0")
+    if ft.classifier_lr_mult <= 0:
+        raise ConfigError("finetune.classifier_lr_mult must be > 0")
     if ft.bn_mode not in ("train", "frozen"):
         raise ConfigError(f"finetune.bn_mode must be 'train' or 'frozen', got {ft.bn_mode!r}")
     if ft.head_init not in ("default", "orthogonal"):

@@ -147,7 +147,7 @@ class _Run:
             images_per_class=cfg.sampler.images_per_class, seed=rt.seed, rank=dist_info.rank,
             world_size=dist_info.world_size, random_split=cfg.sampler.random_split,
             min_k=cfg.sampler.min_images_per_class_split)
-        groups = parameter_groups(model, ft.backbone_lr_mult) + method_parameter_group(method)
+        groups = parameter_groups(model, ft.backbone_lr_mult, ft.classifier_lr_mult) + method_parameter_group(method)
         optimizer = torch.optim.RAdam(groups, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay,
                                       decoupled_weight_decay=True)
         self.engine = StepEngine(TrainStep(model, method), optimizer, device=device, dist_info=dist_info,
