@@ -54,6 +54,28 @@ def solid_images(dst: Path, n: int = 12) -> Path:
     return dst
 
 
+def near_duplicates(dst: Path, per_class: int = 6) -> Path:
+    """DIR/<class>/ of slightly cropped and brightened copies of one real image per test class.
+
+    Why: the random-weight test model is near chance on real classes (R@1 ~19 % on the parity
+    images), so a broken int8 variant's R@1 moves by chance and can even gain (it did on an AVX-512
+    VNNI EPYC). On near-duplicates the fp32 reference finds every copy (R@1 100 %), so a broken
+    variant loses far past any tolerance on every CPU (measured: -56 to -58 points for U8S8 and S8S8).
+    """
+    from PIL import ImageEnhance
+
+    for c in TEST_CLASSES:
+        (dst / c).mkdir(parents=True, exist_ok=True)
+        with Image.open(sorted((require_flowers() / c).glob("*.jpg"))[0]) as im:
+            im = im.convert("RGB")
+        w, h = im.size
+        for i in range(per_class):
+            d = 4 * i
+            copy = ImageEnhance.Brightness(im.crop((d, d, w - d, h - d))).enhance(1.0 + 0.04 * (i - 3))
+            copy.save(dst / c / f"copy_{i}.jpg", quality=90)
+    return dst
+
+
 def make_checkpoint(path: Path, data_root: Path | None = None, crop: int = CROP, resize: int = RESIZE,
                     dim: int = DIM, backbone: str = "resnet18") -> Path:
     import torch

@@ -17,7 +17,8 @@ from export.cli import main
 from export.errors import ExportError, GateFailure
 from export.openvino_export import OvInt8Options
 from export.ort_quantize import OrtInt8Options
-from export_helpers import TEST_CLASSES, export_workspace, make_checkpoint, reference_embeddings, solid_images
+from export_helpers import (TEST_CLASSES, export_workspace, make_checkpoint, near_duplicates, reference_embeddings,
+                            solid_images)
 from sdk.bundle import load_manifest
 
 LENIENT = "int8=15,fp16=5,bf16=10,fp32=0.1"  # 48 parity images: one query is 2 points
@@ -108,12 +109,14 @@ def test_sdk_embeddings_match_pytorch(bundle, ws):
 
 
 def test_gate_rejects_broken_calibration_and_writes_nothing_failing(ws, tmp_path):
-    """int8 calibrated on flat single-colour images saturates on real ones: the gate must catch it."""
+    """int8 calibrated on flat single-colour images saturates on real ones: the gate must catch it.
+    Parity images are near-duplicates, where the fp32 reference is perfect (see near_duplicates)."""
     flat = solid_images(tmp_path / "flat")
+    parity = near_duplicates(tmp_path / "near-dup")
     out = tmp_path / "b.ibc"
     with pytest.raises(GateFailure) as info:
         export_bundle(str(ws["ckpt"]), str(out), backends="onnx", precisions="fp32,int8", calib_data=str(flat),
-                      parity_data=str(ws["parity"]), tolerance=0.5, ks=(1, 2), progress=False, ort_int8=PLAIN_ORT)
+                      parity_data=str(parity), tolerance=0.5, ks=(1, 2), progress=False, ort_int8=PLAIN_ORT)
     err = info.value
     assert [v.name for v in err.failed] == ["onnxruntime-int8"]
     assert "onnxruntime-int8" in str(err) and "drop" in str(err)
@@ -129,19 +132,19 @@ def test_gate_rejects_broken_calibration_and_writes_nothing_failing(ws, tmp_path
     out2 = tmp_path / "only-int8.ibc"
     with pytest.raises(GateFailure, match="nothing was written"):
         export_bundle(str(ws["ckpt"]), str(out2), backends="onnx", precisions="int8", calib_data=str(flat),
-                      parity_data=str(ws["parity"]), tolerance=0.5, progress=False, ort_int8=PLAIN_ORT)
+                      parity_data=str(parity), tolerance=0.5, progress=False, ort_int8=PLAIN_ORT)
     assert not out2.exists()
     before = (out / "manifest.json").read_bytes()
     with pytest.raises(GateFailure):
         export_bundle(str(ws["ckpt"]), str(out), backends="onnx", precisions="int8", calib_data=str(flat),
-                      parity_data=str(ws["parity"]), tolerance=0.5, overwrite=True, progress=False, ort_int8=PLAIN_ORT)
+                      parity_data=str(parity), tolerance=0.5, overwrite=True, progress=False, ort_int8=PLAIN_ORT)
     assert (out / "manifest.json").read_bytes() == before
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]
 
     # --allow-drop keeps it, marked as failed
     out3 = tmp_path / "allow.ibc"
     res = export_bundle(str(ws["ckpt"]), str(out3), backends="onnx", precisions="int8", calib_data=str(flat),
-                        parity_data=str(ws["parity"]), tolerance=0.5, allow_drop=True, progress=False,
+                        parity_data=str(parity), tolerance=0.5, allow_drop=True, progress=False,
                         ort_int8=PLAIN_ORT)
     (v,) = load_manifest(str(out3)).variants
     assert v.name == "onnxruntime-int8" and not v.passed and "FAILED the parity gate" in v.notes
@@ -150,9 +153,10 @@ def test_gate_rejects_broken_calibration_and_writes_nothing_failing(ws, tmp_path
 
 def test_cli_gate_failure_exit_code_and_table(ws, tmp_path):
     flat = solid_images(tmp_path / "flat")
+    parity = near_duplicates(tmp_path / "near-dup")
     res = CliRunner().invoke(main, [str(ws["ckpt"]), "--out", str(tmp_path / "b"), "--backend", "onnx",
                                     "--precision", "int8", "--calib-data", str(flat), "--parity-data",
-                                    str(ws["parity"]), "--no-ort-accuracy-control", "-q"])
+                                    str(parity), "--no-ort-accuracy-control", "-q"])
     assert res.exit_code == 3
     assert "FAIL" in res.output and "parity gate failed for onnxruntime-int8" in res.output
     assert not (tmp_path / "b").exists()
@@ -161,9 +165,10 @@ def test_cli_gate_failure_exit_code_and_table(ws, tmp_path):
 
 def test_cli_gate_failure_last_line_names_the_shipped_variants(ws, tmp_path):
     flat = solid_images(tmp_path / "flat")
+    parity = near_duplicates(tmp_path / "near-dup")
     res = CliRunner().invoke(main, [str(ws["ckpt"]), "--out", str(tmp_path / "b"), "--backend", "onnx",
                                     "--precision", "fp32,int8", "--calib-data", str(flat), "--parity-data",
-                                    str(ws["parity"]), "--no-ort-accuracy-control", "-q"])
+                                    str(parity), "--no-ort-accuracy-control", "-q"])
     assert res.exit_code == 3
     assert res.output.strip().splitlines()[-1] == (
         f"the bundle {tmp_path / 'b'} was written with the passing variants: onnxruntime-fp32 "
