@@ -33,11 +33,11 @@ def probe(ckpt: str, split: str, sizes: list[int], features: list[str], batch_si
 
     from sdk.metrics import evaluate
     from trainer.evaluate import embed_items
-    from trainer.loop import _split_items, load_trained_model
+    from trainer.loop import split_items, load_trained_model
 
     model, cfg, _ = load_trained_model(ckpt)
     model.eval()
-    items, gallery = _split_items(cfg.data, split)
+    items, gallery = split_items(cfg.data, split)
     if gallery is not None:
         raise SystemExit(f"{ckpt}: the {split} split is query vs gallery; probe a leave-one-out split")
     base = cfg.preprocess

@@ -20,7 +20,7 @@ import torch
 from trainer.config import Config
 from trainer.evaluate import default_ks, evaluate_items
 from trainer.engine import TrainingError, resolve_device, use_channels_last
-from trainer.loop import _split_items
+from trainer.loop import split_items
 from trainer.report import fmt_table
 
 log = logging.getLogger("trainer")
@@ -59,7 +59,7 @@ def pretrained_baseline(cfg: Config, *, split: str = "test", device: torch.devic
 
     if not cfg.model.pretrained:
         raise TrainingError("the zero-shot baseline needs pretrained weights: set model.pretrained=true")
-    items, gallery = _split_items(cfg.data, split)
+    items, gallery = split_items(cfg.data, split)
     path = os.path.join(_cache_dir(), "baselines", cache_key(cfg, split, items, gallery) + ".json")
     if use_cache and os.path.isfile(path):
         try:

@@ -180,7 +180,7 @@ class _Run:
 
     def evaluate_split(self, split: str, *, nmi: bool = False, seed: int | None = None) -> dict:
         cfg, rt = self.cfg, self.cfg.runtime
-        items, gallery = _split_items(cfg.data, split)
+        items, gallery = split_items(cfg.data, split)
         return evaluate_items(self.model, items, cfg.preprocess, gallery=gallery, ks=default_ks(cfg.data.dataset),
                               nmi=nmi, seed=rt.seed if seed is None else seed, batch_size=rt.eval_batch_size,
                               num_workers=cfg.data.num_workers, channels_last=self.channels_last,
@@ -347,7 +347,7 @@ class _Run:
 # --------------------------------------------------------------------------- evaluation of a saved checkpoint
 
 
-def _split_items(dc, split: str) -> tuple[list, list | None]:
+def split_items(dc, split: str) -> tuple[list, list | None]:
     """(queries, gallery or None): In-Shop's test split is query vs gallery, the others leave-one-out."""
     if dc.dataset == "inshop" and split == "test":
         return dataset_items(dc, "query"), dataset_items(dc, "gallery")
@@ -409,7 +409,7 @@ def evaluate_checkpoint(path: str, *, data_root: str | None = None, overrides: d
     dev = resolve_device(device)
     model.to(dev).eval()
     dc = cfg.data
-    items, gallery = _split_items(dc, split)
+    items, gallery = split_items(dc, split)
     m = evaluate_items(model, items, cfg.preprocess, gallery=gallery, ks=default_ks(dc.dataset), nmi=nmi,
                        seed=cfg.runtime.seed, batch_size=batch_size,
                        num_workers=dc.num_workers if num_workers is None else num_workers,
@@ -422,6 +422,6 @@ def evaluate_checkpoint(path: str, *, data_root: str | None = None, overrides: d
     return m
 
 
-__all__ = ["train", "TrainResult", "TrainingError", "TrainStep", "StepEngine", "evaluate_checkpoint",
-           "load_trained_model", "lr_factor", "parameter_groups", "backbone_frozen_at", "set_backbone_mode", "init_head", "rng_state", "set_rng_state",
-           "CheckpointError", "ModelConfig", "Any"]
+__all__ = ["train", "TrainResult", "TrainingError", "TrainStep", "StepEngine", "evaluate_checkpoint", "split_items",
+           "load_trained_model", "lr_factor", "parameter_groups", "backbone_frozen_at", "set_backbone_mode",
+           "init_head", "rng_state", "set_rng_state", "CheckpointError", "ModelConfig", "Any"]
